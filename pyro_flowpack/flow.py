@@ -1,0 +1,175 @@
+r"""The :class:`Flow` module and the distribution it returns.
+
+A flow is a base distribution :math:`p_Z` and a bijection :math:`f` (a composition of
+layers, base side first). Its density is given by the change of variables
+
+.. math:: \log p_X(x) = \log p_Z(f^{-1}(x)) - \log |\det J_f(f^{-1}(x))| ,
+
+and samples are :math:`x = f(z)` with :math:`z \sim p_Z`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyro.distributions as pdist
+import torch
+import torch.nn as nn
+from torch import Size, Tensor
+from torch.distributions import Distribution, Independent, Normal, Transform
+
+from .transforms.base import Compose, FlowTransform, check_finite, check_tensor
+
+__all__ = ["Flow", "FlowDistribution"]
+
+
+class FlowDistribution(pdist.TransformedDistribution):
+    r"""The distribution of a flow: a Pyro :class:`~pyro.distributions.TransformedDistribution`
+    whose :meth:`log_prob`, :meth:`rsample` and :meth:`rsample_and_log_prob` use the layers'
+    fused paths, so that each layer's network runs once per call (``D`` times for the
+    sequential direction of an autoregressive layer).
+
+    A value that was just sampled is scored without inverting the layers: each layer
+    reuses its own evaluation while its parameters are unchanged.
+
+    Arguments:
+        base: The base distribution :math:`p_Z`, with the distribution's batch shape.
+        transform: The bijection :math:`f`, base side to data side.
+        context: The context tensor of a conditional flow, of shape ``(..., C)``.
+        validate_args: Whether to validate arguments (torch's default if ``None``).
+    """
+
+    def __init__(
+        self,
+        base: Distribution,
+        transform: FlowTransform,
+        context: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.transform = transform
+        self.context = context
+        super().__init__(base, [transform.condition(context)], validate_args=validate_args)
+
+    def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> "FlowDistribution":
+        batch_shape = Size(batch_shape)
+        return FlowDistribution(
+            self.base_dist.expand(batch_shape), self.transform, self.context, validate_args=self._validate_args
+        )
+
+    def _check_value(self, value: Tensor) -> None:
+        check_tensor(type(self).__name__, "value", value, self.event_shape)
+        if self._validate_args:
+            check_finite(type(self).__name__, "value", value)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        self._check_value(value)
+        z, ladj = self.transform.inverse_and_ladj(value, self.context)
+        return self.base_dist.log_prob(z) - ladj
+
+    def rsample(self, sample_shape: Sequence[int] = Size()) -> Tensor:
+        z = self.base_dist.rsample(Size(sample_shape))
+        return self.transform.call_and_ladj(z, self.context)[0]
+
+    def sample(self, sample_shape: Sequence[int] = Size()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def rsample_and_log_prob(self, sample_shape: Sequence[int] = Size()) -> tuple[Tensor, Tensor]:
+        r"""Returns samples :math:`x = f(z)` and their log-density in one forward pass."""
+        z = self.base_dist.rsample(Size(sample_shape))
+        x, ladj = self.transform.call_and_ladj(z, self.context)
+        return x, self.base_dist.log_prob(z) - ladj
+
+
+def _standard_normal(shape: Size) -> Distribution:
+    return Independent(Normal(torch.zeros(shape), torch.ones(shape)), len(shape))
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow: layers and a base distribution, as an :class:`~torch.nn.Module`
+    whose call returns a :class:`FlowDistribution`.
+
+    The base distribution's tensors are kept as buffers and the distribution is rebuilt
+    at each call, so ``flow.to(device)`` moves everything and ``state_dict`` holds all
+    that is needed to rebuild the flow.
+
+    Arguments:
+        transforms: The layers, from the base side to the data side: pyro-flowpack
+            layers or any :class:`torch.distributions.Transform`.
+        base: The base distribution (default: a standard normal over the event shape of
+            the first layer). Its tensor parameters become buffers.
+
+    Example:
+        >>> flow = Flow([AffineCoupling(2), Reverse(2), AffineCoupling(2)])
+        >>> d = flow()
+        >>> d.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, transforms: Sequence[Transform], base: Distribution | None = None) -> None:
+        super().__init__()
+        transforms = list(transforms)
+        if base is not None and not isinstance(base, Distribution):
+            raise TypeError(f"Flow: base must be a torch Distribution, got {type(base).__name__}")
+        first = transforms[0] if transforms else None
+        if isinstance(first, FlowTransform):
+            shape = first.event_shape
+        elif base is not None:
+            shape = base.batch_shape + base.event_shape
+        else:
+            raise ValueError("Flow needs a base distribution unless its first layer is a FlowTransform")
+        if base is None:
+            base = _standard_normal(shape)
+        full = base.batch_shape + base.event_shape
+        if full != shape:
+            raise ValueError(
+                f"Flow: the base distribution has shape {tuple(full)} but the first layer expects "
+                f"event shape {tuple(shape)}"
+            )
+        if len(base.event_shape) < len(shape):
+            base = Independent(base, len(shape) - len(base.event_shape))
+        self.transform = Compose(*transforms, event_shape=shape)
+        self.context_features = self.transform.context_features
+        self._base_recipe = self._store_base(base, "base")
+
+    def _store_base(self, dist: Distribution, prefix: str) -> tuple:
+        if isinstance(dist, Independent):
+            inner = self._store_base(dist.base_dist, prefix)
+            return (type(dist), dist.reinterpreted_batch_ndims, inner)
+        names = {}
+        for name in dist.arg_constraints:
+            value = vars(dist).get(name)
+            if isinstance(value, Tensor):
+                names[name] = f"{prefix}_{name}"
+                self.register_buffer(names[name], value.detach().clone())
+        if not names:
+            raise TypeError(f"Flow: cannot store the base distribution {type(dist).__name__}: no tensor parameters")
+        return (type(dist), names)
+
+    def _build_base(self, recipe: tuple) -> Distribution:
+        if len(recipe) == 3:
+            cls, ndims, inner = recipe
+            return cls(self._build_base(inner), ndims, validate_args=False)
+        cls, names = recipe
+        return cls(**{name: getattr(self, buffer) for name, buffer in names.items()}, validate_args=False)
+
+    @property
+    def event_shape(self) -> Size:
+        """The event shape of the data side."""
+        return self.transform.output_shape
+
+    def base(self) -> Distribution:
+        """The base distribution, built from the flow's buffers."""
+        return self._build_base(self._base_recipe)
+
+    def forward(self, context: Tensor | None = None) -> FlowDistribution:
+        r"""Returns the flow's distribution, conditioned on ``context`` of shape
+        ``(..., C)`` for a conditional flow; its batch shape is then ``(...)``."""
+        if self.context_features == 0 and context is not None:
+            raise ValueError("Flow: this flow is unconditional (context=0) but a context was given")
+        if self.context_features > 0:
+            self.transform._check_context(context)
+        base = self.base()
+        if context is not None and context.dim() > 1:
+            base = base.expand(context.shape[:-1])
+        return FlowDistribution(base, self.transform, context)

@@ -1,0 +1,450 @@
+r"""The layer base class, its inverse and composition.
+
+Every pyro-flowpack layer derives from :class:`FlowTransform`, a Pyro
+:class:`~pyro.distributions.torch_transform.TransformModule` (so both a
+:class:`torch.nn.Module` and a :class:`torch.distributions.Transform`). A layer is a
+bijection :math:`y = f(x)` whose forward map goes from the base side to the data side
+(the sampling direction) and whose inverse goes from data to base (the density
+direction). For any layer,
+
+.. math:: \log p_Y(y) = \log p_X(f^{-1}(y)) - \log |\det J_f(f^{-1}(y))| .
+
+A subclass implements two fused methods, each running its network once:
+
+* ``_forward_and_ladj(x, context) -> (y, ladj)``;
+* ``_inverse_and_ladj(y, context) -> (x, ladj)``;
+
+where ``ladj`` is always :math:`\log |\det J_f|` of the *forward* map at that point,
+summed over the event dimensions (its shape is the batch shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from pyro.distributions.torch_transform import TransformModule
+from torch import Size, Tensor
+from torch.distributions import Distribution, Transform, constraints
+from torch.distributions.utils import _sum_rightmost
+
+__all__ = [
+    "FlowTransform",
+    "Inverse",
+    "Compose",
+    "ConditionedTransform",
+    "call_and_ladj",
+]
+
+ShapeLike = int | Sequence[int] | Size
+
+
+def as_shape(shape: ShapeLike) -> Size:
+    """Turns an int (a number of features) or a sequence into a :class:`torch.Size`."""
+    if isinstance(shape, int):
+        return Size((shape,))
+    return Size(shape)
+
+
+def check_tensor(name: str, what: str, value: Any, event_shape: Size) -> None:
+    r"""Raises a clear error unless ``value`` is a floating tensor ending in ``event_shape``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} expects the {what} to be a torch.Tensor, got {type(value).__name__}")
+    n = len(event_shape)
+    if value.dim() < n or value.shape[value.dim() - n :] != event_shape:
+        raise ValueError(
+            f"{name} expects the {what} to have trailing (event) shape {tuple(event_shape)}, "
+            f"got a tensor of shape {tuple(value.shape)}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point {what}, got dtype {value.dtype}")
+
+
+def check_finite(name: str, what: str, value: Tensor) -> None:
+    r"""Under torch's distribution validation, raises if ``value`` holds NaN or infinity."""
+    if Distribution._validate_args and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} got a non-finite {what} (NaN or infinity); expected finite values")
+
+
+class _CacheEntry:
+    """One evaluation of a layer: its inputs, outputs and the state it was computed in."""
+
+    __slots__ = ("x", "y", "ladj", "context", "source", "key")
+
+    def __init__(self, x, y, ladj, context, source, key):
+        self.x, self.y, self.ladj, self.context, self.source, self.key = x, y, ladj, context, source, key
+
+
+class FlowTransform(TransformModule):
+    r"""Base class of every pyro-flowpack layer.
+
+    It adds to Pyro's ``TransformModule``:
+
+    * fused evaluation :meth:`call_and_ladj` and :meth:`inverse_and_ladj`, each running the
+      layer's network once;
+    * a cache that is never stale: the result of an evaluation is reused only to invert
+      its own output (``inverse_and_ladj(y)`` right after ``y = call_and_ladj(x)[0]``, or
+      the converse, and for ``log_abs_det_jacobian(x, y)`` of that very pair), only for the
+      very same tensor objects, and only while no parameter or buffer of the layer has
+      changed (tracked through tensor version counters, so an ``optimizer.step()``
+      invalidates it), with the same grad mode and train/eval mode;
+    * :meth:`condition` for conditional layers (Pyro's conditional API);
+    * shape checks with clear errors, and any batch shape.
+
+    Arguments:
+        event_shape: The event shape of the base side (an int for vectors).
+        context: The number of context features (0 for an unconditional layer).
+    """
+
+    bijective = True
+    #: The direction that needs sequential passes (``"forward"`` for a MAF layer,
+    #: ``"inverse"`` for an IAF layer), or ``None`` if both are one pass.
+    sequential: str | None = None
+    #: Whether the result of the inverse (density) direction may be cached.
+    cache_inverse: bool = True
+    #: Whether the layer caches at all (composite layers rely on their parts).
+    caches: bool = True
+
+    def __init__(self, event_shape: ShapeLike, context: int = 0) -> None:
+        super().__init__(cache_size=0)
+        if not isinstance(context, int) or context < 0:
+            raise ValueError(f"context must be a non-negative int (number of context features), got {context!r}")
+        self.event_shape = as_shape(event_shape)
+        self.context_features = context
+        self._cache: _CacheEntry | None = None
+
+    # Shapes -----------------------------------------------------------------------
+    @property
+    def output_shape(self) -> Size:
+        """The event shape of the data side (the same as ``event_shape`` unless reshaping)."""
+        return self.event_shape
+
+    @property
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    @property
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.output_shape))
+
+    def forward_shape(self, shape: Sequence[int]) -> Size:
+        n = len(self.event_shape)
+        return Size(shape[: len(shape) - n]) + self.output_shape
+
+    def inverse_shape(self, shape: Sequence[int]) -> Size:
+        n = len(self.output_shape)
+        return Size(shape[: len(shape) - n]) + self.event_shape
+
+    # Subclass hooks ---------------------------------------------------------------
+    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # Checks -----------------------------------------------------------------------
+    def _check_context(self, context: Tensor | None) -> Tensor | None:
+        name = type(self).__name__
+        if self.context_features == 0:
+            return None
+        if context is None:
+            raise ValueError(
+                f"{name} is conditional on {self.context_features} context features but no context "
+                "was given; call layer.condition(context) or flow(context)"
+            )
+        check_tensor(name, "context", context, Size((self.context_features,)))
+        return context
+
+    def _broadcast(self, x: Tensor, context: Tensor | None, shape: Size) -> Tensor:
+        if context is None:
+            return x
+        batch = torch.broadcast_shapes(x.shape[: x.dim() - len(shape)], context.shape[:-1])
+        return x.expand(batch + shape)
+
+    # Cache --------------------------------------------------------------------------
+    def _state_key(self) -> tuple | None:
+        if not self.caches or torch.is_inference_mode_enabled():
+            return None
+        try:
+            versions = tuple(t._version for t in self.parameters())
+            versions += tuple(t._version for t in self.buffers())
+        except RuntimeError:  # inference tensors (made under inference_mode) have no version
+            return None
+        return (torch.is_grad_enabled(), self.training, versions)
+
+    def _lookup(self, value: Tensor, context: Tensor | None, source: str) -> _CacheEntry | None:
+        """The cached entry computed from ``source`` whose output is ``value``, if still valid."""
+        entry = self._cache
+        if entry is None or entry.source != source or entry.context is not context:
+            return None
+        out = entry.y if source == "x" else entry.x
+        if out is not value:
+            return None
+        if entry.key != (self._state_key(), entry.x._version, entry.y._version):
+            return None
+        return entry
+
+    def _store(self, x, y, ladj, context, source) -> None:
+        state = self._state_key()
+        if state is None or x.is_inference() or y.is_inference():
+            self._cache = None
+            return
+        self._cache = _CacheEntry(x, y, ladj, context, source, (state, x._version, y._version))
+
+    def clear_cache(self) -> None:
+        """Forgets the cached evaluation (it is never needed for correctness)."""
+        self._cache = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"] = None  # never pickle or deepcopy graph tensors
+        return state
+
+    # Fused paths ------------------------------------------------------------------
+    def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""Returns :math:`y = f(x)` and :math:`\log |\det J_f(x)|`, running the network once."""
+        check_tensor(type(self).__name__, "input", x, self.event_shape)
+        context = self._check_context(context)
+        entry = self._lookup(x, context, "y")
+        if entry is not None:
+            return entry.y, entry.ladj
+        y, ladj = self._forward_and_ladj(self._broadcast(x, context, self.event_shape), context)
+        self._store(x, y, ladj, context, "x")
+        return y, ladj
+
+    def inverse_and_ladj(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""Returns :math:`x = f^{-1}(y)` and :math:`\log |\det J_f(x)|` (of the forward map)."""
+        check_tensor(type(self).__name__, "input", y, self.output_shape)
+        context = self._check_context(context)
+        entry = self._lookup(y, context, "x")
+        if entry is not None:
+            return entry.x, entry.ladj
+        x, ladj = self._inverse_and_ladj(self._broadcast(y, context, self.output_shape), context)
+        if self.cache_inverse:
+            self._store(x, y, ladj, context, "y")
+        return x, ladj
+
+    def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
+        r"""The log-abs-det-Jacobian of the forward map for the pair ``y = f(x)``."""
+        entry = self._cache
+        if (
+            entry is not None
+            and entry.x is x
+            and entry.y is y
+            and entry.context is context
+            and entry.key == (self._state_key(), x._version, y._version)
+        ):
+            return entry.ladj
+        if self.sequential == "forward":
+            return self.inverse_and_ladj(y, context)[1]
+        return self.call_and_ladj(x, context)[1]
+
+    # torch.distributions.Transform API -------------------------------------------
+    def condition(self, context: Tensor | None) -> Transform:
+        """This layer bound to ``context`` (Pyro's conditional API); itself if unconditional."""
+        if self.context_features == 0:
+            return self
+        return ConditionedTransform(self, self._check_context(context))
+
+    def with_cache(self, cache_size: int = 1) -> "FlowTransform":
+        return self  # the cache is built in and never stale
+
+    def __call__(self, x: Tensor) -> Tensor:
+        check_finite(type(self).__name__, "input", x)
+        return self.call_and_ladj(x)[0]
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        check_finite(type(self).__name__, "input", y)
+        return self.inverse_and_ladj(y)[0]
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.inverse_and_ladj(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.ladj(x, y)
+
+    def __repr__(self) -> str:
+        return nn.Module.__repr__(self)
+
+
+class ConditionedTransform(FlowTransform):
+    r"""A conditional layer bound to a context tensor, as returned by
+    :meth:`FlowTransform.condition`. It shares the parameters of the layer.
+
+    Arguments:
+        layer: The conditional layer.
+        context: The context, of shape ``(..., layer.context_features)``.
+    """
+
+    caches = False
+
+    def __init__(self, layer: FlowTransform, context: Tensor) -> None:
+        super().__init__(layer.event_shape)
+        self.layer = layer
+        self.context = context
+        self.sequential = layer.sequential
+
+    @property
+    def output_shape(self) -> Size:
+        return self.layer.output_shape
+
+    def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.layer.call_and_ladj(x, self.context)
+
+    def inverse_and_ladj(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.layer.inverse_and_ladj(y, self.context)
+
+    def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.layer.ladj(x, y, self.context)
+
+    def condition(self, context: Tensor | None) -> Transform:
+        return self.layer.condition(context)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["context"] = self.context.detach()
+        return state
+
+
+class Inverse(FlowTransform):
+    r"""The inverse :math:`f^{-1}` of a layer, as a layer whose parameters stay registered.
+
+    Its forward map is the layer's inverse and vice versa, with
+    :math:`\log |\det J_{f^{-1}}(y)| = -\log |\det J_f(f^{-1}(y))|`. Unlike torch's
+    ``layer.inv``, it is an :class:`~torch.nn.Module`, so optimizers and ``state_dict``
+    see the parameters. An autoregressive layer in MAF form becomes one in IAF form.
+
+    Arguments:
+        layer: The layer to invert.
+
+    Example:
+        >>> layer = Inverse(MaskedAffineAutoregressive(3))
+        >>> y, ladj = layer.call_and_ladj(torch.randn(3))
+    """
+
+    caches = False
+
+    def __init__(self, layer: FlowTransform) -> None:
+        if not isinstance(layer, FlowTransform):
+            raise TypeError(f"Inverse expects a FlowTransform layer, got {type(layer).__name__}")
+        super().__init__(layer.output_shape, layer.context_features)
+        self.layer = layer
+        self.sequential = {"forward": "inverse", "inverse": "forward"}.get(layer.sequential)
+
+    @property
+    def output_shape(self) -> Size:
+        return self.layer.event_shape
+
+    def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, ladj = self.layer.inverse_and_ladj(x, context)
+        return y, -ladj
+
+    def inverse_and_ladj(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, ladj = self.layer.call_and_ladj(y, context)
+        return x, -ladj
+
+    def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return -self.layer.ladj(y, x, context)
+
+
+def call_and_ladj(
+    transform: Transform, x: Tensor, context: Tensor | None, event_dim: int, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""Applies any transform (fused for pyro-flowpack layers) and returns its output and
+    log-abs-det-Jacobian of the forward map summed down to the batch shape, where
+    ``event_dim`` is the number of event dimensions of the input."""
+    if isinstance(transform, FlowTransform):
+        if inverse:
+            return transform.inverse_and_ladj(x, context)
+        return transform.call_and_ladj(x, context)
+    if isinstance(transform, nn.Module) and hasattr(transform, "condition") and context is not None:
+        transform = transform.condition(context)
+    if inverse:
+        y = transform.inv(x)
+        ladj = transform.log_abs_det_jacobian(y, x)
+    else:
+        y = transform(x)
+        ladj = transform.log_abs_det_jacobian(x, y)
+    batch_dim = x.dim() - event_dim
+    return y, _sum_rightmost(ladj, ladj.dim() - batch_dim)
+
+
+class Compose(FlowTransform):
+    r"""The composition :math:`f = f_n \circ \dots \circ f_1` of layers (``f_1`` on the
+    base side), with :math:`\log|\det J_f| = \sum_i \log|\det J_{f_i}|`.
+
+    Parts may be pyro-flowpack layers or any :class:`torch.distributions.Transform`;
+    context is passed to every conditional part.
+
+    Arguments:
+        transforms: The parts, from the base side to the data side.
+
+    Example:
+        >>> f = Compose(Reverse(2), AffineCoupling(2))
+        >>> y, ladj = f.call_and_ladj(torch.randn(5, 2))
+    """
+
+    caches = False
+
+    def __init__(self, *transforms: Transform, event_shape: ShapeLike | None = None) -> None:
+        for t in transforms:
+            if not isinstance(t, Transform):
+                raise TypeError(f"Compose expects torch.distributions.Transform parts, got {type(t).__name__}")
+        if event_shape is None:
+            if not transforms or not isinstance(transforms[0], FlowTransform):
+                raise ValueError("Compose needs event_shape unless its first part is a FlowTransform")
+            event_shape = transforms[0].event_shape
+        shapes = [as_shape(event_shape)]
+        for t in transforms:
+            if isinstance(t, FlowTransform) and t.event_shape != shapes[-1]:
+                raise ValueError(
+                    f"Compose: {type(t).__name__} expects event shape {tuple(t.event_shape)}, "
+                    f"but the part before it gives {tuple(shapes[-1])}"
+                )
+            shapes.append(Size(t.forward_shape(shapes[-1])))
+        contexts = {t.context_features for t in transforms if isinstance(t, FlowTransform)} - {0}
+        if len(contexts) > 1:
+            raise ValueError(f"Compose: parts disagree on the number of context features: {sorted(contexts)}")
+        super().__init__(shapes[0], contexts.pop() if contexts else 0)
+        self.parts = list(transforms)
+        self.modules_ = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+        self._shapes = shapes
+
+    @property
+    def output_shape(self) -> Size:
+        return self._shapes[-1]
+
+    def _run(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        parts = zip(self.parts, self._shapes, self._shapes[1:])
+        if inverse:
+            parts = [(t, b, a) for t, a, b in reversed(list(parts))]
+        total = None
+        for t, shape_in, _ in parts:
+            value, ladj = call_and_ladj(t, value, context, len(shape_in), inverse)
+            total = ladj if total is None else total + ladj
+        if total is None:
+            total = value.new_zeros(value.shape[: value.dim() - len(self.output_shape)])
+        return value, total
+
+    def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_tensor("Compose", "input", x, self.event_shape)
+        return self._run(x, self._check_context(context), inverse=False)
+
+    def inverse_and_ladj(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_tensor("Compose", "input", y, self.output_shape)
+        return self._run(y, self._check_context(context), inverse=True)
+
+    def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
+        if any(getattr(t, "sequential", None) == "forward" for t in self.parts):
+            return self.inverse_and_ladj(y, context)[1]
+        return self.call_and_ladj(x, context)[1]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> Transform:
+        return self.parts[i]

@@ -1,0 +1,115 @@
+"""The registry of every layer and every builder that goes through the property battery.
+
+Each case builds a :class:`~pyro_flowpack.Flow` with ``FEATURES`` features, conditional
+on ``CONTEXT`` features when asked. Layers are wrapped in a one-layer flow; the layer
+under test is then ``flow.transform``'s single part. Parameters are perturbed away from
+their identity initialisation and data-dependent layers are initialised on a batch, so
+that every property is checked on a non-trivial map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import pyro_flowpack as pf
+from pyro_flowpack.transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    BatchNorm,
+    Compose,
+    Inverse,
+    LULinear,
+    MaskedAffineAutoregressive,
+    MaskedSplineAutoregressive,
+    Permute,
+    Reverse,
+    SplineCoupling,
+)
+
+FEATURES = 5
+CONTEXT = 3
+HIDDEN = (16, 16)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[int], pf.Flow]  # context -> flow
+    conditional: bool = True  # whether the case takes context features
+    layer: bool = True  # a single layer (else a builder)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _layer(make: Callable[[int], object]) -> Callable[[int], pf.Flow]:
+    return lambda context: pf.Flow([make(context)])
+
+
+LAYERS = [
+    Case("AffineCoupling", _layer(lambda c: AffineCoupling(FEATURES, context=c, hidden=HIDDEN))),
+    Case("AdditiveCoupling", _layer(lambda c: AdditiveCoupling(FEATURES, "alternating", c, HIDDEN))),
+    Case("SplineCoupling", _layer(lambda c: SplineCoupling(FEATURES, context=c, hidden=HIDDEN, bins=4, bound=3.0))),
+    Case(
+        "AffineCoupling-boolmask",
+        _layer(lambda c: AffineCoupling(FEATURES, torch.tensor([True, False, False, True, False]), c, HIDDEN)),
+    ),
+    Case("MaskedAffineAutoregressive", _layer(lambda c: MaskedAffineAutoregressive(FEATURES, c, HIDDEN))),
+    Case(
+        "MaskedAffineAutoregressive-narrow",  # hidden smaller than features; ELU has no dead units
+        _layer(lambda c: MaskedAffineAutoregressive(FEATURES, c, (3, 2), [4, 2, 0, 1, 3], activation=torch.nn.ELU)),
+    ),
+    Case("MaskedSplineAutoregressive", _layer(lambda c: MaskedSplineAutoregressive(FEATURES, c, HIDDEN, bins=4))),
+    Case("Inverse-MaskedSplineAutoregressive",
+         _layer(lambda c: Inverse(MaskedSplineAutoregressive(FEATURES, c, HIDDEN, bins=4)))),
+    Case("Inverse-AffineCoupling", _layer(lambda c: Inverse(AffineCoupling(FEATURES, context=c, hidden=HIDDEN)))),
+    Case("Permute", _layer(lambda c: Permute.random(FEATURES)), conditional=False),
+    Case("Reverse", _layer(lambda c: Reverse(FEATURES)), conditional=False),
+    Case("LULinear", _layer(lambda c: LULinear(FEATURES)), conditional=False),
+    Case("ActNorm", _layer(lambda c: ActNorm(FEATURES)), conditional=False),
+    Case("BatchNorm", _layer(lambda c: BatchNorm(FEATURES)), conditional=False),
+    Case(
+        "Compose",
+        _layer(lambda c: Compose(LULinear(FEATURES), AffineCoupling(FEATURES, context=c, hidden=HIDDEN), Reverse(FEATURES))),
+    ),
+]
+
+BUILDERS = [
+    Case("NICE", lambda c: pf.flows.NICE(FEATURES, c, transforms=3, hidden=HIDDEN), layer=False),
+    Case("RealNVP", lambda c: pf.flows.RealNVP(FEATURES, c, transforms=3, hidden=HIDDEN), layer=False),
+    Case("MAF", lambda c: pf.flows.MAF(FEATURES, c, transforms=2, hidden=HIDDEN), layer=False),
+    Case("IAF", lambda c: pf.flows.IAF(FEATURES, c, transforms=2, hidden=HIDDEN), layer=False),
+    Case("NSF", lambda c: pf.flows.NSF(FEATURES, c, transforms=3, hidden=HIDDEN, bins=4), layer=False),
+    Case(
+        "NSF-autoregressive",
+        lambda c: pf.flows.NSF(FEATURES, c, transforms=2, hidden=HIDDEN, bins=4, autoregressive=True),
+        layer=False,
+    ),
+]
+
+CASES = LAYERS + BUILDERS
+
+
+def make_flow(case: Case, context: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> pf.Flow:
+    """Builds the case, initialises data-dependent layers on a batch and moves the
+    parameters away from the identity; deterministic for a seed."""
+    torch.manual_seed(seed)
+    flow = case.build(context).to(dtype)
+    data = 1.5 * torch.randn(256, FEATURES, dtype=dtype) + 0.5
+    c = torch.randn(256, context, dtype=dtype) if context else None
+    with torch.no_grad():
+        for _ in range(3):  # ActNorm initialises, BatchNorm collects running statistics
+            flow(c).log_prob(data)
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return flow.eval()
+
+
+def layer_of(flow: pf.Flow):
+    """The layer under test: the single part of a one-layer flow, else the composition."""
+    parts = flow.transform.parts
+    return parts[0] if len(parts) == 1 else flow.transform

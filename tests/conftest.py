@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from cases import CASES, CONTEXT
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrises ``case`` over every layer and builder, and ``context`` over 0 and
+    ``CONTEXT`` for the cases that take context features."""
+    if "case" in metafunc.fixturenames:
+        if "context" in metafunc.fixturenames:
+            params = [
+                pytest.param(case, context, id=f"{case.name}-ctx{context}")
+                for case in CASES
+                for context in ((0, CONTEXT) if case.conditional else (0,))
+            ]
+            metafunc.parametrize(("case", "context"), params)
+        else:
+            metafunc.parametrize("case", CASES, ids=[c.name for c in CASES])
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
