@@ -57,9 +57,16 @@ class FlowDistribution(pdist.TransformedDistribution):
         )
 
     def _check_value(self, value: Tensor) -> None:
-        check_tensor(type(self).__name__, "value", value, self.event_shape)
+        name = type(self).__name__
+        check_tensor(name, "value", value, self.event_shape)
+        reference = self.base_dist.mean
+        if value.dtype != reference.dtype or value.device != reference.device:
+            raise TypeError(
+                f"{name} expects a value of dtype {reference.dtype} on {reference.device} (the flow's), "
+                f"got {value.dtype} on {value.device}; move the flow with .to() or convert the value"
+            )
         if self._validate_args:
-            check_finite(type(self).__name__, "value", value)
+            check_finite(name, "value", value)
 
     def log_prob(self, value: Tensor) -> Tensor:
         self._check_value(value)
@@ -165,10 +172,9 @@ class Flow(nn.Module):
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         r"""Returns the flow's distribution, conditioned on ``context`` of shape
         ``(..., C)`` for a conditional flow; its batch shape is then ``(...)``."""
-        if self.context_features == 0 and context is not None:
-            raise ValueError("Flow: this flow is unconditional (context=0) but a context was given")
-        if self.context_features > 0:
-            self.transform._check_context(context)
+        self.transform._check_context(context, name=type(self).__name__)
+        if context is not None and Distribution._validate_args:
+            check_finite(type(self).__name__, "context", context)
         base = self.base()
         if context is not None and context.dim() > 1:
             base = base.expand(context.shape[:-1])

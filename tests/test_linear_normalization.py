@@ -74,7 +74,7 @@ def test_permute_random_is_a_permutation_reproducible_from_its_generator():
 
 
 def test_permute_random_rejects_non_positive_features():
-    with pytest.raises(ValueError, match="positive int, got 0"):
+    with pytest.raises(ValueError, match="int >= 1, got 0"):
         Permute.random(0)
 
 
@@ -87,7 +87,7 @@ def test_reverse_reverses_the_order():
 
 @pytest.mark.parametrize("features", [0, -1, 2.0, True])
 def test_reverse_rejects_non_positive_int_features(features):
-    with pytest.raises(ValueError, match="Reverse expects features to be a positive int"):
+    with pytest.raises(ValueError, match="Reverse expects features to be an int >= 1"):
         Reverse(features)
 
 

@@ -31,6 +31,7 @@ from torch.distributions.utils import _sum_rightmost
 
 __all__ = [
     "FlowTransform",
+    "check_features",
     "Inverse",
     "Compose",
     "ConditionedTransform",
@@ -40,11 +41,20 @@ __all__ = [
 ShapeLike = int | Sequence[int] | Size
 
 
+def check_features(name: str, features: Any, minimum: int = 1) -> int:
+    """Raises a clear error unless ``features`` is an int of at least ``minimum``."""
+    if isinstance(features, bool) or not isinstance(features, int) or features < minimum:
+        raise ValueError(f"{name} expects features to be an int >= {minimum}, got {features!r}")
+    return features
+
+
 def as_shape(shape: ShapeLike) -> Size:
-    """Turns an int (a number of features) or a sequence into a :class:`torch.Size`."""
-    if isinstance(shape, int):
-        return Size((shape,))
-    return Size(shape)
+    """Turns an int (a number of features) or a sequence of positive ints into a
+    :class:`torch.Size`, raising a clear error otherwise."""
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    for d in dims:
+        check_features("an event shape", d)
+    return Size(dims)
 
 
 def check_tensor(name: str, what: str, value: Any, event_shape: Size) -> None:
@@ -144,9 +154,11 @@ class FlowTransform(TransformModule):
         raise NotImplementedError
 
     # Checks -----------------------------------------------------------------------
-    def _check_context(self, context: Tensor | None) -> Tensor | None:
-        name = type(self).__name__
+    def _check_context(self, context: Tensor | None, name: str | None = None) -> Tensor | None:
+        name = name or type(self).__name__
         if self.context_features == 0:
+            if context is not None:
+                raise ValueError(f"{name} is unconditional (context=0) but a context was given")
             return None
         if context is None:
             raise ValueError(
@@ -159,7 +171,13 @@ class FlowTransform(TransformModule):
     def _broadcast(self, x: Tensor, context: Tensor | None, shape: Size) -> Tensor:
         if context is None:
             return x
-        batch = torch.broadcast_shapes(x.shape[: x.dim() - len(shape)], context.shape[:-1])
+        try:
+            batch = torch.broadcast_shapes(x.shape[: x.dim() - len(shape)], context.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"{type(self).__name__}: the batch shapes of the input {tuple(x.shape)} and of the "
+                f"context {tuple(context.shape)} do not broadcast"
+            ) from None
         return x.expand(batch + shape)
 
     # Cache --------------------------------------------------------------------------
@@ -358,6 +376,7 @@ def call_and_ladj(
     log-abs-det-Jacobian of the forward map summed down to the batch shape, where
     ``event_dim`` is the number of event dimensions of the input."""
     if isinstance(transform, FlowTransform):
+        context = context if transform.context_features else None
         if inverse:
             return transform.inverse_and_ladj(x, context)
         return transform.call_and_ladj(x, context)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..nn import MLP, cat_context
-from .base import FlowTransform
+from .base import FlowTransform, check_features
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -88,8 +88,7 @@ class Coupling(FlowTransform):
         hidden: Sequence[int] = (64, 64),
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
-        if not isinstance(features, int) or features < 2:
-            raise ValueError(f"{type(self).__name__} needs an int number of features >= 2, got {features!r}")
+        check_features(type(self).__name__, features, minimum=2)
         super().__init__(features, context)
         mask = coupling_mask(features, mask)
         self.monotone = monotone

@@ -14,18 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowTransform
+from .base import FlowTransform, check_features
 
 __all__ = [
     "Permute",
     "Reverse",
     "LULinear",
 ]
-
-
-def _check_features(name: str, features: int) -> None:
-    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-        raise ValueError(f"{name} expects features to be a positive int, got {features!r}")
 
 
 class Permute(FlowTransform):
@@ -89,7 +84,7 @@ class Permute(FlowTransform):
             >>> sorted(t.permutation.tolist())
             [0, 1, 2, 3]
         """
-        _check_features("Permute.random", features)
+        check_features("Permute.random", features)
         device = None if generator is None else generator.device
         # Permute, not cls: a subclass such as Reverse fixes its own order
         return Permute(torch.randperm(features, generator=generator, device=device))
@@ -120,7 +115,7 @@ class Reverse(Permute):
     """
 
     def __init__(self, features: int) -> None:
-        _check_features("Reverse", features)
+        check_features("Reverse", features)
         super().__init__(torch.arange(features - 1, -1, -1))
 
 
@@ -162,7 +157,7 @@ class LULinear(FlowTransform):
     """
 
     def __init__(self, features: int) -> None:
-        _check_features("LULinear", features)
+        check_features("LULinear", features)
         super().__init__(features)
         dtype = torch.get_default_dtype()
         q = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64)).Q

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import FlowTransform, ShapeLike, as_shape
+from .base import FlowTransform, ShapeLike, as_shape, check_features
 
 __all__ = [
     "ActNorm",
@@ -154,8 +154,7 @@ class BatchNorm(FlowTransform):
     cache_inverse = True
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"BatchNorm expects features to be a positive int, got {features!r}")
+        check_features("BatchNorm", features)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm expects a momentum in [0, 1], got {momentum!r}")
         if eps <= 0:

@@ -1,0 +1,23 @@
+r"""Data sets: arrays of samples as tensors. This package knows nothing of flows."""
+
+from .toy import (
+    TOY_DATASETS,
+    checkerboard,
+    circles,
+    eight_gaussians,
+    pinwheel,
+    toy_dataset,
+    two_moons,
+    two_spirals,
+)
+
+__all__ = [
+    "TOY_DATASETS",
+    "toy_dataset",
+    "two_moons",
+    "circles",
+    "eight_gaussians",
+    "checkerboard",
+    "pinwheel",
+    "two_spirals",
+]

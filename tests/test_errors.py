@@ -1,0 +1,149 @@
+"""Bad input gets a clear error naming what was expected and what came in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyro_flowpack as pf
+from pyro_flowpack.nn import MADE
+from pyro_flowpack.transforms import (
+    ActNorm,
+    AffineCoupling,
+    Compose,
+    Inverse,
+    MaskedAffineAutoregressive,
+    RationalQuadraticSpline,
+    Reverse,
+    SplineCoupling,
+)
+from pyro_flowpack.transforms.monotone import Affine
+
+BUILDERS = [pf.flows.NICE, pf.flows.RealNVP, pf.flows.MAF, pf.flows.IAF, pf.flows.NSF]
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+def test_wrong_event_size_names_expected_and_got(builder):
+    d = builder(4)()
+    with pytest.raises(ValueError, match=r"trailing \(event\) shape \(4,\), got a tensor of shape \(7, 3\)"):
+        d.log_prob(torch.randn(7, 3))
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+def test_wrong_context_size_names_expected_and_got(builder):
+    flow = builder(4, context=3)
+    with pytest.raises(ValueError, match=r"context to have trailing \(event\) shape \(3,\), got .* \(7, 2\)"):
+        flow(torch.randn(7, 2))
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+def test_missing_context_for_conditional_flow(builder):
+    with pytest.raises(ValueError, match="conditional on 3 context features but no context was given"):
+        builder(4, context=3)()
+
+
+def test_context_given_to_unconditional_flow():
+    with pytest.raises(ValueError, match="unconditional"):
+        pf.flows.MAF(4)(torch.randn(3))
+
+
+def test_conditional_layer_without_context():
+    layer = AffineCoupling(4, context=2)
+    with pytest.raises(ValueError, match="conditional on 2 context features"):
+        layer.call_and_ladj(torch.randn(4))
+    with pytest.raises(ValueError, match="conditional on 2 context features"):
+        layer(torch.randn(4))  # the torch Transform API too
+
+
+def test_non_broadcastable_context_batch():
+    flow = pf.flows.RealNVP(4, context=2)
+    with pytest.raises(ValueError, match=r"batch shapes of the input \(5, 4\) and of the context \(3, 2\)"):
+        flow(torch.randn(3, 2)).log_prob(torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_with_validation_on(bad):
+    torch.distributions.Distribution.set_default_validate_args(True)
+    x = torch.randn(5, 4)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match="non-finite value"):
+        pf.flows.NSF(4)().log_prob(x)
+    with pytest.raises(ValueError, match="non-finite input"):
+        AffineCoupling(4)(x)
+    with pytest.raises(ValueError, match="non-finite input"):
+        AffineCoupling(4).inv(x)
+    c = torch.full((3,), bad)
+    with pytest.raises(ValueError, match="non-finite context"):
+        pf.flows.MAF(4, context=3)(c)
+
+
+def test_wrong_dtype_names_expected_and_got():
+    with pytest.raises(TypeError, match="dtype torch.float32 .* got torch.float64"):
+        pf.flows.MAF(3)().log_prob(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point input, got dtype torch.int64"):
+        AffineCoupling(4).call_and_ladj(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor, got list"):
+        AffineCoupling(4).call_and_ladj([1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        ("checkerboard", ValueError, "'half', 'alternating' or a boolean tensor, got 'checkerboard'"),
+        (torch.tensor([True, True, True, True]), ValueError, "at least one True .* and one False"),
+        (torch.tensor([False, False, False, False]), ValueError, "at least one True .* and one False"),
+        (torch.tensor([True, False, True]), ValueError, r"mask must have shape \(4,\), got \(3,\)"),
+        (torch.tensor([1, 0, 1, 0]), TypeError, "boolean tensor, got dtype torch.int64"),
+    ],
+)
+def test_invalid_mask(mask, error, message):
+    with pytest.raises(error, match=message):
+        AffineCoupling(4, mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: AffineCoupling(1), "features to be an int >= 2, got 1"),
+        (lambda: SplineCoupling(4, bins=0), "bins must be a positive int, got 0"),
+        (lambda: RationalQuadraticSpline(bound=-1.0), "bound must be positive, got -1.0"),
+        (lambda: RationalQuadraticSpline(min_derivative=0.0), r"min_derivative must be in \(0, 1\)"),
+        (lambda: Affine(bound=0.0), "bound must be positive, got 0.0"),
+        (lambda: MADE(3, 2, hidden=(0,)), r"positive ints, got \(0,\)"),
+        (lambda: MADE(3, 2, order=[0, 0, 1]), r"permutation of range\(3\), got \[0, 0, 1\]"),
+        (lambda: MaskedAffineAutoregressive(4, context=-1), "non-negative int .* got -1"),
+        (lambda: pf.flows.MAF(4, transforms=0), "transforms must be a positive int .* got 0"),
+        (lambda: pf.flows.NSF(4, hidden=(32, -1)), r"positive ints, got \(32, -1\)"),
+        (lambda: ActNorm((3, 0)), "int >= 1, got 0"),
+        (lambda: Compose(Reverse(3), Reverse(4)), r"Reverse expects event shape \(4,\), but the part before it gives \(3,\)"),
+        (lambda: Compose(AffineCoupling(3, context=2), AffineCoupling(3, context=1)), r"disagree .* \[1, 2\]"),
+        (lambda: pf.Flow([Reverse(3)], torch.distributions.Normal(torch.zeros(4), 1.0)),
+         r"base distribution has shape \(4,\) but the first layer expects event shape \(3,\)"),
+    ],
+)
+def test_invalid_option(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_invalid_types():
+    with pytest.raises(TypeError, match="Inverse expects a FlowTransform layer, got Linear"):
+        Inverse(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="base must be a torch Distribution, got str"):
+        pf.Flow([Reverse(3)], "normal")
+    with pytest.raises(TypeError, match="Transform parts, got Linear"):
+        Compose(torch.nn.Linear(2, 2), event_shape=2)
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_import_leaves_distribution_validation_as_it_was(setting):
+    code = (
+        "import torch\n"
+        f"torch.distributions.Distribution.set_default_validate_args({setting})\n"
+        "import pyro_flowpack, pyro_flowpack.flows, pyro_flowpack.transforms\n"
+        f"assert torch.distributions.Distribution._validate_args is {setting}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
