@@ -77,6 +77,20 @@ def check_finite(name: str, what: str, value: Tensor) -> None:
         raise ValueError(f"{name} got a non-finite {what} (NaN or infinity); expected finite values")
 
 
+def _collect_versions(module: nn.Module, out: list[int]) -> None:
+    # a direct walk of the module tree: several times cheaper than .parameters(), and it
+    # always sees the current tensors, even after parameters or submodules are replaced
+    for t in module._parameters.values():
+        if t is not None:
+            out.append(t._version)
+    for t in module._buffers.values():
+        if t is not None:
+            out.append(t._version)
+    for m in module._modules.values():
+        if m is not None:
+            _collect_versions(m, out)
+
+
 class _CacheEntry:
     """One evaluation of a layer: its inputs, outputs and the state it was computed in."""
 
@@ -184,12 +198,12 @@ class FlowTransform(TransformModule):
     def _state_key(self) -> tuple | None:
         if not self.caches or torch.is_inference_mode_enabled():
             return None
+        versions: list[int] = []
         try:
-            versions = tuple(t._version for t in self.parameters())
-            versions += tuple(t._version for t in self.buffers())
+            _collect_versions(self, versions)
         except RuntimeError:  # inference tensors (made under inference_mode) have no version
             return None
-        return (torch.is_grad_enabled(), self.training, versions)
+        return (torch.is_grad_enabled(), self.training, tuple(versions))
 
     def _lookup(self, value: Tensor, context: Tensor | None, source: str) -> _CacheEntry | None:
         """The cached entry computed from ``source`` whose output is ``value``, if still valid."""
