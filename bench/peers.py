@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from functools import partial
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from pyro.distributions.transforms import (
     SplineCoupling,
 )
 from pyro.nn import AutoRegressiveNN, DenseNN
+from zuko.transforms import MonotonicRQSTransform
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -229,13 +231,21 @@ def nsf_coupling_row(cfg: Config) -> Row:
         "NSF (coupling)",
         {
             "pyro-flowpack": flowpack_contender(
-                pf.flows.NSF(D, transforms=T, hidden=H, bins=K, bound=B),
-                f"flows.NSF: {T} SplineCoupling, MLP conditioner, half masks alternating",
+                pf.flows.NSF(D, transforms=T, hidden=H, bins=K, bound=B, mask="alternating"),
+                f"flows.NSF(mask='alternating'): {T} SplineCoupling, MLP conditioner, checkered masks alternating",
             ),
             "zuko": zuko_contender(
-                zuko.flows.NSF(D, transforms=T, hidden_features=H, bins=K, passes=2),
-                f"flows.NSF(passes=2): {T} two-block MaskedAutoregressiveTransform (RQS), "
-                "MaskedMLP conditioner, blocks alternating",
+                # zuko's NSF(passes=2) also splines the conditioning half and reads all
+                # features; this is zuko's own coupling layer with the same spline instead
+                zuko.flows.NICE(
+                    D,
+                    transforms=T,
+                    hidden_features=H,
+                    univariate=partial(MonotonicRQSTransform, bound=B),
+                    shapes=[(K,), (K,), (K - 1,)],
+                ),
+                f"{T} GeneralCouplingTransform(MonotonicRQSTransform), MLP conditioner, "
+                "checkered masks alternating",
             ),
             "Pyro": pyro_contender(
                 with_reversals(pyro_layers, D),
@@ -247,9 +257,6 @@ def nsf_coupling_row(cfg: Config) -> Row:
         [
             f"spline: rational-quadratic, {K} bins on [-{B:g}, {B:g}], identity tails in all three; "
             f"{SPLINE_PARAMETERS}",
-            "zuko's coupling is a 2-pass autoregressive layer: its MaskedMLP reads all "
-            f"{D} features (masked) and also applies an input-independent spline to the "
-            "conditioning block",
             f"Pyro: {T - 1} extra Permute layers; split = first {split} features of the permuted vector",
         ],
     )
