@@ -1,7 +1,7 @@
 """The registry of every layer and every builder that goes through the property battery.
 
-Each case builds a :class:`~pyro_flowpack.Flow` with ``FEATURES`` features, conditional
-on ``CONTEXT`` features when asked. Layers are wrapped in a one-layer flow; the layer
+Each case builds a :class:`~pyro_flowpack.Flow` over events of ``case.shape`` (vectors of
+``FEATURES`` features unless stated), conditional on ``CONTEXT`` features when asked. Layers are wrapped in a one-layer flow; the layer
 under test is then ``flow.transform``'s single part. Parameters are perturbed away from
 their identity initialisation and data-dependent layers are initialised on a batch, so
 that every property is checked on a non-trivial map.
@@ -35,15 +35,30 @@ CONTEXT = 3
 HIDDEN = (16, 16)
 
 
+def _normal(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     build: Callable[[int], pf.Flow]  # context -> flow
     conditional: bool = True  # whether the case takes context features
     layer: bool = True  # a single layer (else a builder)
+    shape: tuple[int, ...] = (FEATURES,)  # the event shape (the same on both sides)
+    data: Callable[[torch.Size, torch.dtype], torch.Tensor] = _normal  # draws data-side values
+    base_bound: float = 10.0  # the largest |x| on the base side where the layer is defined
 
     def __repr__(self) -> str:
         return self.name
+
+    def data_sample(self, batch=(), dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Data-side values of batch shape ``batch``."""
+        return self.data(torch.Size(batch) + self.shape, dtype)
+
+    def base_sample(self, batch=(), dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Base-side standard-normal values of batch shape ``batch``."""
+        return torch.randn(torch.Size(batch) + self.shape, dtype=dtype)
 
 
 def _layer(make: Callable[[int], object]) -> Callable[[int], pf.Flow]:
@@ -99,7 +114,7 @@ def make_flow(case: Case, context: int, dtype: torch.dtype = torch.float64, seed
     parameters away from the identity; deterministic for a seed."""
     torch.manual_seed(seed)
     flow = case.build(context).to(dtype)
-    data = 1.5 * torch.randn(256, FEATURES, dtype=dtype) + 0.5
+    data = case.data_sample((256,), dtype)
     c = torch.randn(256, context, dtype=dtype) if context else None
     with torch.no_grad():
         for _ in range(3):  # ActNorm initialises, BatchNorm collects running statistics

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributions import TransformedDistribution
 
-from cases import FEATURES, layer_of, make_flow
+from cases import layer_of, make_flow
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -30,7 +30,7 @@ def _single(c):
 def test_round_trip_float64_within_1e8(case, context):
     flow = make_flow(case, context)
     layer = layer_of(flow)
-    x = torch.randn(64, FEATURES, dtype=torch.float64)
+    x = case.base_sample((64,))
     c = _context(context, (64,))
     y, ladj = layer.call_and_ladj(x, c)
     x2, ladj2 = layer.inverse_and_ladj(y.clone(), c)  # a clone: no cache, a real inverse
@@ -43,8 +43,9 @@ def test_round_trip_float64_within_1e8(case, context):
 def test_round_trip_float32_within_1e4_up_to_10(case, context):
     flow = make_flow(case, context, dtype=torch.float32)
     layer = layer_of(flow)
-    x = torch.linspace(-10, 10, 64 * FEATURES).reshape(FEATURES, 64).T.contiguous()
-    x = x[torch.randperm(64)]
+    size = torch.Size(case.shape).numel()
+    bound = min(10.0, case.base_bound)
+    x = torch.linspace(-bound, bound, 64 * size)[torch.randperm(64 * size)].reshape(64, *case.shape)
     c = _context(context, (64,), torch.float32)
     y, _ = layer.call_and_ladj(x, c)
     x2, _ = layer.inverse_and_ladj(y.clone(), c)
@@ -57,10 +58,10 @@ def test_ladj_equals_autograd_jacobian_float64_within_1e6(case, context):
     layer = layer_of(flow)
     c = _context(context, (4,))
     for i in range(4):
-        x = torch.randn(FEATURES, dtype=torch.float64)
+        x = case.base_sample()
         ci = None if c is None else c[i]
         jac = torch.autograd.functional.jacobian(lambda v: layer.call_and_ladj(v, ci)[0], x)
-        expected = torch.linalg.slogdet(jac)[1]
+        expected = torch.linalg.slogdet(jac.reshape(x.numel(), x.numel()))[1]
         y, ladj = layer.call_and_ladj(x, ci)
         _, ladj_inverse = layer.inverse_and_ladj(y.clone(), ci)
         bound = layer.condition(ci) if ci is not None else layer
@@ -75,7 +76,7 @@ def test_ladj_equals_autograd_jacobian_float64_within_1e6(case, context):
 def test_batch_shapes(case, context, batch):
     flow = make_flow(case, context)
     layer = layer_of(flow)
-    x = torch.randn(*batch, FEATURES, dtype=torch.float64)
+    x = case.base_sample(batch)
     c = _context(context, batch)
     y, ladj = layer.call_and_ladj(x, c)
     assert y.shape == x.shape and ladj.shape == batch
@@ -83,10 +84,10 @@ def test_batch_shapes(case, context, batch):
     assert x2.shape == x.shape and ladj2.shape == batch
     d = flow(c)
     assert d.batch_shape == (batch if context else ())
-    assert d.event_shape == (FEATURES,)
-    assert d.log_prob(x).shape == batch
+    assert d.event_shape == case.shape
+    assert d.log_prob(case.data_sample(batch)).shape == batch
     for sample_shape in [(), (2,), (2, 3)]:
-        expected = torch.Size(sample_shape) + d.batch_shape + (FEATURES,)
+        expected = torch.Size(sample_shape) + d.batch_shape + case.shape
         assert d.sample(sample_shape).shape == expected
         s, log_p = d.rsample_and_log_prob(sample_shape)
         assert s.shape == expected and log_p.shape == expected[:-1]
@@ -99,7 +100,7 @@ def test_context_broadcasts_over_sample_shape(case, context):
     c = _context(context, (4,))
     d = flow(c)
     samples = d.sample((6,))
-    assert samples.shape == (6, 4, FEATURES)
+    assert samples.shape == (6, 4, *case.shape)
     log_p = d.log_prob(samples)
     # each column of samples is scored under its own context
     for j in range(4):
@@ -134,7 +135,7 @@ def test_log_prob_equals_rsample_and_log_prob(case, context):
 def test_state_dict_round_trip_reproduces_log_prob_exactly(case, context):
     flow = make_flow(case, context, seed=0)
     other = make_flow(case, context, seed=1)
-    x = torch.randn(32, FEATURES, dtype=torch.float64)
+    x = case.data_sample((32,))
     c = _context(context, (32,))
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
@@ -145,7 +146,7 @@ def test_state_dict_round_trip_reproduces_log_prob_exactly(case, context):
 
 def test_deepcopy_and_pickle_after_backward(case, context):
     flow = make_flow(case, context).train()
-    x = torch.randn(32, FEATURES, dtype=torch.float64)
+    x = case.data_sample((32,))
     c = _context(context, (32,))
     loss = -flow(c).log_prob(x).mean()
     if loss.requires_grad:
@@ -159,7 +160,7 @@ def test_deepcopy_and_pickle_after_backward(case, context):
 
 def test_to_float64(case, context):
     flow = make_flow(case, context, dtype=torch.float32).to(torch.float64)
-    x = torch.randn(8, FEATURES, dtype=torch.float64)
+    x = case.data_sample((8,))
     c = _context(context, (8,))
     log_p = flow(c).log_prob(x)
     assert log_p.dtype == torch.float64 and torch.isfinite(log_p).all()
@@ -169,7 +170,7 @@ def test_to_float64(case, context):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_log_prob_finite_in_dtype(case, context, dtype):
     flow = make_flow(case, context, dtype=dtype)
-    x = torch.randn(16, FEATURES, dtype=dtype)
+    x = case.data_sample((16,), dtype)
     c = _context(context, (16,), dtype)
     log_p = flow(c).log_prob(x)
     assert log_p.dtype == dtype and torch.isfinite(log_p).all()
@@ -178,7 +179,7 @@ def test_log_prob_finite_in_dtype(case, context, dtype):
 # Inside torch and Pyro ------------------------------------------------------------------
 def test_layers_work_in_torch_and_pyro_transformed_distribution(case, context):
     flow = make_flow(case, context)
-    x = torch.randn(16, FEATURES, dtype=torch.float64)
+    x = case.data_sample((16,))
     c = _context(context, (16,))
     expected = flow(c).log_prob(x)
     base = flow.base().expand((16,) if c is not None else ())
@@ -186,12 +187,12 @@ def test_layers_work_in_torch_and_pyro_transformed_distribution(case, context):
     for cls in (TransformedDistribution, pdist.TransformedDistribution):
         d = cls(base, transforms)
         assert torch.allclose(d.log_prob(x), expected, rtol=0, atol=1e-8)
-        assert d.sample((2,)).shape == (2, *d.batch_shape, FEATURES)
+        assert d.sample((2,)).shape == (2, *d.batch_shape, *case.shape)
 
 
 def test_flow_in_pyro_sample_obs_under_plate(case, context):
     flow = make_flow(case, context)
-    x = torch.randn(10, FEATURES, dtype=torch.float64)
+    x = case.data_sample((10,))
     c = _context(context, (10,))
 
     def model(x):
@@ -213,7 +214,7 @@ def test_log_prob_after_optimizer_step_is_fresh_and_differentiable(case, context
     flow = make_flow(case, context).train()
     if not list(flow.parameters()):
         pytest.skip("no parameters")
-    x = torch.randn(32, FEATURES, dtype=torch.float64)
+    x = case.data_sample((32,))
     c = _context(context, (32,))
     d = flow(c)
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
@@ -236,7 +237,7 @@ def test_grad_enabled_after_no_grad_evaluation_recomputes(case, context):
     flow = make_flow(case, context)
     if not list(flow.parameters()):
         pytest.skip("no parameters")
-    x = torch.randn(8, FEATURES, dtype=torch.float64)
+    x = case.data_sample((8,))
     c = _context(context, (8,))
     d = flow(c)
     with torch.no_grad():
@@ -264,7 +265,7 @@ def test_each_network_runs_once_per_call(case, context):
     sequential = {
         name: module.sequential for name, module in flow.named_modules() if hasattr(module, "sequential")
     }
-    x = torch.randn(16, FEATURES, dtype=torch.float64)
+    x = case.data_sample((16,))
     c = _context(context, (16,))
 
     def calls(fn):
