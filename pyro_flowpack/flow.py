@@ -136,7 +136,6 @@ class Flow(nn.Module):
         if len(base.event_shape) < len(shape):
             base = Independent(base, len(shape) - len(base.event_shape))
         self.transform = Compose(*transforms, event_shape=shape)
-        self.context_features = self.transform.context_features
         self._base_recipe = self._store_base(base, "base")
 
     def _store_base(self, dist: Distribution, prefix: str) -> tuple:
@@ -161,6 +160,11 @@ class Flow(nn.Module):
         return cls(**{name: getattr(self, buffer) for name, buffer in names.items()}, validate_args=False)
 
     @property
+    def context_features(self) -> int:
+        """The number of context features (0 for an unconditional flow)."""
+        return self.transform.context_features
+
+    @property
     def event_shape(self) -> Size:
         """The event shape of the data side."""
         return self.transform.output_shape
@@ -176,6 +180,7 @@ class Flow(nn.Module):
         if context is not None and Distribution._validate_args:
             check_finite(type(self).__name__, "context", context)
         base = self.base()
-        if context is not None and context.dim() > 1:
-            base = base.expand(context.shape[:-1])
+        batch = () if context is None else context.shape[: context.dim() - len(self.transform.context_shape)]
+        if batch:
+            base = base.expand(batch)
         return FlowDistribution(base, self.transform, context)

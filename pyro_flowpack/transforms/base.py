@@ -118,7 +118,8 @@ class FlowTransform(TransformModule):
 
     Arguments:
         event_shape: The event shape of the base side (an int for vectors).
-        context: The number of context features (0 for an unconditional layer).
+        context: The number of context features (0 for an unconditional layer), or the
+            shape of an image-like context such as ``(C, H, W)``.
     """
 
     bijective = True
@@ -130,13 +131,24 @@ class FlowTransform(TransformModule):
     #: Whether the layer caches at all (composite layers rely on their parts).
     caches: bool = True
 
-    def __init__(self, event_shape: ShapeLike, context: int = 0) -> None:
+    def __init__(self, event_shape: ShapeLike, context: ShapeLike = 0) -> None:
         super().__init__(cache_size=0)
-        if not isinstance(context, int) or context < 0:
+        if isinstance(context, int) and not isinstance(context, bool) and context < 0:
             raise ValueError(f"context must be a non-negative int (number of context features), got {context!r}")
         self.event_shape = as_shape(event_shape)
-        self.context_features = context
+        #: The shape of the context (empty for an unconditional layer).
+        self.context_shape = Size() if context == 0 else as_shape(context)
         self._cache: _CacheEntry | None = None
+
+    @property
+    def context_features(self) -> int:
+        """The number of context features (0 for an unconditional layer)."""
+        return self.context_shape.numel() if self.context_shape else 0
+
+    def _context_description(self) -> str:
+        if len(self.context_shape) == 1:
+            return f"{self.context_shape[0]} context features"
+        return f"a context of shape {tuple(self.context_shape)}"
 
     # Shapes -----------------------------------------------------------------------
     @property
@@ -170,23 +182,24 @@ class FlowTransform(TransformModule):
     # Checks -----------------------------------------------------------------------
     def _check_context(self, context: Tensor | None, name: str | None = None) -> Tensor | None:
         name = name or type(self).__name__
-        if self.context_features == 0:
+        if not self.context_shape:
             if context is not None:
                 raise ValueError(f"{name} is unconditional (context=0) but a context was given")
             return None
         if context is None:
             raise ValueError(
-                f"{name} is conditional on {self.context_features} context features but no context "
+                f"{name} is conditional on {self._context_description()} but no context "
                 "was given; call layer.condition(context) or flow(context)"
             )
-        check_tensor(name, "context", context, Size((self.context_features,)))
+        check_tensor(name, "context", context, self.context_shape)
         return context
 
     def _broadcast(self, x: Tensor, context: Tensor | None, shape: Size) -> Tensor:
         if context is None:
             return x
         try:
-            batch = torch.broadcast_shapes(x.shape[: x.dim() - len(shape)], context.shape[:-1])
+            n = len(self.context_shape)
+            batch = torch.broadcast_shapes(x.shape[: x.dim() - len(shape)], context.shape[: context.dim() - n])
         except RuntimeError:
             raise ValueError(
                 f"{type(self).__name__}: the batch shapes of the input {tuple(x.shape)} and of the "
@@ -275,7 +288,7 @@ class FlowTransform(TransformModule):
     # torch.distributions.Transform API -------------------------------------------
     def condition(self, context: Tensor | None) -> Transform:
         """This layer bound to ``context`` (Pyro's conditional API); itself if unconditional."""
-        if self.context_features == 0:
+        if not self.context_shape:
             return self
         return ConditionedTransform(self, self._check_context(context))
 
@@ -363,7 +376,7 @@ class Inverse(FlowTransform):
     def __init__(self, layer: FlowTransform) -> None:
         if not isinstance(layer, FlowTransform):
             raise TypeError(f"Inverse expects a FlowTransform layer, got {type(layer).__name__}")
-        super().__init__(layer.output_shape, layer.context_features)
+        super().__init__(layer.output_shape, layer.context_shape or 0)
         self.layer = layer
         self.sequential = {"forward": "inverse", "inverse": "forward"}.get(layer.sequential)
 
@@ -390,7 +403,7 @@ def call_and_ladj(
     log-abs-det-Jacobian of the forward map summed down to the batch shape, where
     ``event_dim`` is the number of event dimensions of the input."""
     if isinstance(transform, FlowTransform):
-        context = context if transform.context_features else None
+        context = context if transform.context_shape else None
         if inverse:
             return transform.inverse_and_ladj(x, context)
         return transform.call_and_ladj(x, context)
@@ -439,9 +452,10 @@ class Compose(FlowTransform):
                     f"but the part before it gives {tuple(shapes[-1])}"
                 )
             shapes.append(Size(t.forward_shape(shapes[-1])))
-        contexts = {t.context_features for t in transforms if isinstance(t, FlowTransform)} - {0}
+        contexts = {t.context_shape for t in transforms if isinstance(t, FlowTransform)} - {Size()}
         if len(contexts) > 1:
-            raise ValueError(f"Compose: parts disagree on the number of context features: {sorted(contexts)}")
+            shapes_ = sorted(tuple(c) for c in contexts)
+            raise ValueError(f"Compose: parts disagree on the context shape: {shapes_}")
         super().__init__(shapes[0], contexts.pop() if contexts else 0)
         self.parts = list(transforms)
         self.modules_ = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
