@@ -17,6 +17,9 @@ import torch
 import pyro_flowpack as pf
 from pyro_flowpack.transforms import (
     ActNorm,
+    Logit,
+    Scale,
+    Squeeze,
     AdditiveCoupling,
     AffineCoupling,
     BatchNorm,
@@ -45,9 +48,11 @@ class Case:
     build: Callable[[int], pf.Flow]  # context -> flow
     conditional: bool = True  # whether the case takes context features
     layer: bool = True  # a single layer (else a builder)
-    shape: tuple[int, ...] = (FEATURES,)  # the event shape (the same on both sides)
+    shape: tuple[int, ...] = (FEATURES,)  # the event shape of the data side
+    base: tuple[int, ...] | None = None  # the event shape of the base side, if different
     data: Callable[[torch.Size, torch.dtype], torch.Tensor] = _normal  # draws data-side values
     base_bound: float = 10.0  # the largest |x| on the base side where the layer is defined
+    context_shape: tuple[int, ...] = (CONTEXT,)  # the shape of the context when conditional
 
     def __repr__(self) -> str:
         return self.name
@@ -56,9 +61,17 @@ class Case:
         """Data-side values of batch shape ``batch``."""
         return self.data(torch.Size(batch) + self.shape, dtype)
 
+    def context_sample(self, context: int, batch=(), dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        """A context of batch shape ``batch`` (``None`` for an unconditional case)."""
+        return torch.randn(torch.Size(batch) + self.context_shape, dtype=dtype) if context else None
+
     def base_sample(self, batch=(), dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Base-side standard-normal values of batch shape ``batch``."""
-        return torch.randn(torch.Size(batch) + self.shape, dtype=dtype)
+        return torch.randn(torch.Size(batch) + self.base_shape, dtype=dtype)
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        return self.base or self.shape
 
 
 def _layer(make: Callable[[int], object]) -> Callable[[int], pf.Flow]:
@@ -93,6 +106,39 @@ LAYERS = [
     ),
 ]
 
+IMAGE = (2, 4, 4)
+IMAGE_CONTEXT = (1, 4, 4)
+
+
+def _unit(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Data in (0, 1), as after dequantization and scaling."""
+    return torch.rand(shape, dtype=dtype).clamp(0.01, 0.99)
+
+
+def _image(make: Callable[[object], object], **options) -> Case:
+    """An image-shaped case; ``make`` gets the context shape (or 0)."""
+    options = {"shape": IMAGE, "context_shape": IMAGE_CONTEXT, **options}
+    return Case(options.pop("name"), _layer(lambda c: make(IMAGE_CONTEXT if c else 0)), **options)
+
+
+LAYERS += [
+    _image(lambda c: AffineCoupling(IMAGE, "checkerboard", c, hidden=8, blocks=1), name="AffineCoupling-checkerboard"),
+    _image(lambda c: AffineCoupling(IMAGE, "channel", c, hidden=8, blocks=1), name="AffineCoupling-channel"),
+    _image(lambda c: SplineCoupling(IMAGE, "checkerboard", c, hidden=8, bins=4, blocks=1),
+           name="SplineCoupling-checkerboard"),
+    _image(lambda c: AdditiveCoupling(IMAGE, "channel", c, hidden=8, blocks=0), name="AdditiveCoupling-channel"),
+    _image(lambda c: ActNorm(IMAGE), name="ActNorm-image", conditional=False),
+    _image(lambda c: Logit(IMAGE), name="Logit", conditional=False, data=_unit, base_bound=4.0),
+    _image(lambda c: Logit(IMAGE, alpha=0.0), name="Logit-alpha0", conditional=False, data=_unit, base_bound=4.0),
+    _image(lambda c: Scale(IMAGE, 1 / 256), name="Scale", conditional=False),
+    _image(lambda c: Squeeze(IMAGE), name="Squeeze", conditional=False, base=(8, 2, 2)),
+    _image(lambda c: Inverse(Squeeze(IMAGE)), name="Inverse-Squeeze", conditional=False, shape=(8, 2, 2), base=IMAGE),
+    _image(
+        lambda c: Compose(ActNorm((8, 2, 2)), Squeeze(IMAGE), Logit(IMAGE)),
+        name="Compose-image", conditional=False, data=_unit, base=(8, 2, 2), base_bound=4.0,
+    ),
+]
+
 BUILDERS = [
     Case("NICE", lambda c: pf.flows.NICE(FEATURES, c, transforms=3, hidden=HIDDEN), layer=False),
     Case("RealNVP", lambda c: pf.flows.RealNVP(FEATURES, c, transforms=3, hidden=HIDDEN), layer=False),
@@ -115,12 +161,14 @@ def make_flow(case: Case, context: int, dtype: torch.dtype = torch.float64, seed
     torch.manual_seed(seed)
     flow = case.build(context).to(dtype)
     data = case.data_sample((256,), dtype)
-    c = torch.randn(256, context, dtype=dtype) if context else None
+    c = case.context_sample(context, (256,), dtype)
     with torch.no_grad():
         for _ in range(3):  # ActNorm initialises, BatchNorm collects running statistics
             flow(c).log_prob(data)
         for p in flow.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            # about the same change of the outputs whatever the fan-in (16 for the MLPs)
+            fan_in = p[0].numel() if p.dim() > 1 else 16
+            p.add_(0.1 * min(1.0, (16 / fan_in) ** 0.5) * torch.randn_like(p))
     return flow.eval()
 
 

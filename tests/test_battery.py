@@ -18,10 +18,6 @@ from cases import layer_of, make_flow
 DTYPES = [torch.float32, torch.float64]
 
 
-def _context(context: int, batch=(), dtype=torch.float64):
-    return torch.randn(*batch, context, dtype=dtype) if context else None
-
-
 def _single(c):
     return None if c is None else c[0]
 
@@ -31,7 +27,7 @@ def test_round_trip_float64_within_1e8(case, context):
     flow = make_flow(case, context)
     layer = layer_of(flow)
     x = case.base_sample((64,))
-    c = _context(context, (64,))
+    c = case.context_sample(context, (64,))
     y, ladj = layer.call_and_ladj(x, c)
     x2, ladj2 = layer.inverse_and_ladj(y.clone(), c)  # a clone: no cache, a real inverse
     assert torch.allclose(x2, x, rtol=0, atol=1e-8)
@@ -43,10 +39,10 @@ def test_round_trip_float64_within_1e8(case, context):
 def test_round_trip_float32_within_1e4_up_to_10(case, context):
     flow = make_flow(case, context, dtype=torch.float32)
     layer = layer_of(flow)
-    size = torch.Size(case.shape).numel()
+    size = torch.Size(case.base_shape).numel()
     bound = min(10.0, case.base_bound)
-    x = torch.linspace(-bound, bound, 64 * size)[torch.randperm(64 * size)].reshape(64, *case.shape)
-    c = _context(context, (64,), torch.float32)
+    x = torch.linspace(-bound, bound, 64 * size)[torch.randperm(64 * size)].reshape(64, *case.base_shape)
+    c = case.context_sample(context, (64,), torch.float32)
     y, _ = layer.call_and_ladj(x, c)
     x2, _ = layer.inverse_and_ladj(y.clone(), c)
     assert torch.allclose(x2, x, rtol=0, atol=1e-4)
@@ -56,11 +52,11 @@ def test_round_trip_float32_within_1e4_up_to_10(case, context):
 def test_ladj_equals_autograd_jacobian_float64_within_1e6(case, context):
     flow = make_flow(case, context)
     layer = layer_of(flow)
-    c = _context(context, (4,))
+    c = case.context_sample(context, (4,))
     for i in range(4):
         x = case.base_sample()
         ci = None if c is None else c[i]
-        jac = torch.autograd.functional.jacobian(lambda v: layer.call_and_ladj(v, ci)[0], x)
+        jac = torch.autograd.functional.jacobian(lambda v: layer.call_and_ladj(v, ci)[0].flatten(), x)
         expected = torch.linalg.slogdet(jac.reshape(x.numel(), x.numel()))[1]
         y, ladj = layer.call_and_ladj(x, ci)
         _, ladj_inverse = layer.inverse_and_ladj(y.clone(), ci)
@@ -77,9 +73,9 @@ def test_batch_shapes(case, context, batch):
     flow = make_flow(case, context)
     layer = layer_of(flow)
     x = case.base_sample(batch)
-    c = _context(context, batch)
+    c = case.context_sample(context, batch)
     y, ladj = layer.call_and_ladj(x, c)
-    assert y.shape == x.shape and ladj.shape == batch
+    assert y.shape == batch + case.shape and ladj.shape == batch
     x2, ladj2 = layer.inverse_and_ladj(y, c)
     assert x2.shape == x.shape and ladj2.shape == batch
     d = flow(c)
@@ -90,14 +86,14 @@ def test_batch_shapes(case, context, batch):
         expected = torch.Size(sample_shape) + d.batch_shape + case.shape
         assert d.sample(sample_shape).shape == expected
         s, log_p = d.rsample_and_log_prob(sample_shape)
-        assert s.shape == expected and log_p.shape == expected[:-1]
+        assert s.shape == expected and log_p.shape == expected[: len(expected) - len(case.shape)]
 
 
 def test_context_broadcasts_over_sample_shape(case, context):
     if not context:
         pytest.skip("unconditional")
     flow = make_flow(case, context)
-    c = _context(context, (4,))
+    c = case.context_sample(context, (4,))
     d = flow(c)
     samples = d.sample((6,))
     assert samples.shape == (6, 4, *case.shape)
@@ -113,7 +109,7 @@ def test_rsample_gradients_reach_every_parameter(case, context):
     flow = make_flow(case, context).train()
     if not list(flow.parameters()) and not context:
         pytest.skip("nothing to differentiate")
-    c = _context(context, (8,))
+    c = case.context_sample(context, (8,))
     if c is not None:
         c.requires_grad_(True)
     y = flow(c).rsample((16,))
@@ -126,7 +122,7 @@ def test_rsample_gradients_reach_every_parameter(case, context):
 
 def test_log_prob_equals_rsample_and_log_prob(case, context):
     flow = make_flow(case, context)
-    c = _context(context, (8,))
+    c = case.context_sample(context, (8,))
     y, log_p = flow(c).rsample_and_log_prob()
     assert torch.allclose(flow(c).log_prob(y.clone()), log_p, rtol=0, atol=1e-8)
 
@@ -136,7 +132,7 @@ def test_state_dict_round_trip_reproduces_log_prob_exactly(case, context):
     flow = make_flow(case, context, seed=0)
     other = make_flow(case, context, seed=1)
     x = case.data_sample((32,))
-    c = _context(context, (32,))
+    c = case.context_sample(context, (32,))
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
     buffer.seek(0)
@@ -147,7 +143,7 @@ def test_state_dict_round_trip_reproduces_log_prob_exactly(case, context):
 def test_deepcopy_and_pickle_after_backward(case, context):
     flow = make_flow(case, context).train()
     x = case.data_sample((32,))
-    c = _context(context, (32,))
+    c = case.context_sample(context, (32,))
     loss = -flow(c).log_prob(x).mean()
     if loss.requires_grad:
         loss.backward()
@@ -161,7 +157,7 @@ def test_deepcopy_and_pickle_after_backward(case, context):
 def test_to_float64(case, context):
     flow = make_flow(case, context, dtype=torch.float32).to(torch.float64)
     x = case.data_sample((8,))
-    c = _context(context, (8,))
+    c = case.context_sample(context, (8,))
     log_p = flow(c).log_prob(x)
     assert log_p.dtype == torch.float64 and torch.isfinite(log_p).all()
     assert flow(c).sample().dtype == torch.float64
@@ -171,7 +167,7 @@ def test_to_float64(case, context):
 def test_log_prob_finite_in_dtype(case, context, dtype):
     flow = make_flow(case, context, dtype=dtype)
     x = case.data_sample((16,), dtype)
-    c = _context(context, (16,), dtype)
+    c = case.context_sample(context, (16,), dtype)
     log_p = flow(c).log_prob(x)
     assert log_p.dtype == dtype and torch.isfinite(log_p).all()
 
@@ -180,7 +176,7 @@ def test_log_prob_finite_in_dtype(case, context, dtype):
 def test_layers_work_in_torch_and_pyro_transformed_distribution(case, context):
     flow = make_flow(case, context)
     x = case.data_sample((16,))
-    c = _context(context, (16,))
+    c = case.context_sample(context, (16,))
     expected = flow(c).log_prob(x)
     base = flow.base().expand((16,) if c is not None else ())
     transforms = [t.condition(c) if c is not None else t for t in flow.transform.parts]
@@ -193,7 +189,7 @@ def test_layers_work_in_torch_and_pyro_transformed_distribution(case, context):
 def test_flow_in_pyro_sample_obs_under_plate(case, context):
     flow = make_flow(case, context)
     x = case.data_sample((10,))
-    c = _context(context, (10,))
+    c = case.context_sample(context, (10,))
 
     def model(x):
         pyro.module("flow", flow)
@@ -215,7 +211,7 @@ def test_log_prob_after_optimizer_step_is_fresh_and_differentiable(case, context
     if not list(flow.parameters()):
         pytest.skip("no parameters")
     x = case.data_sample((32,))
-    c = _context(context, (32,))
+    c = case.context_sample(context, (32,))
     d = flow(c)
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
     loss = -d.log_prob(x).mean()
@@ -238,7 +234,7 @@ def test_grad_enabled_after_no_grad_evaluation_recomputes(case, context):
     if not list(flow.parameters()):
         pytest.skip("no parameters")
     x = case.data_sample((8,))
-    c = _context(context, (8,))
+    c = case.context_sample(context, (8,))
     d = flow(c)
     with torch.no_grad():
         y = d.rsample()
@@ -266,7 +262,7 @@ def test_each_network_runs_once_per_call(case, context):
         name: module.sequential for name, module in flow.named_modules() if hasattr(module, "sequential")
     }
     x = case.data_sample((16,))
-    c = _context(context, (16,))
+    c = case.context_sample(context, (16,))
 
     def calls(fn):
         for k in counts:

@@ -92,7 +92,7 @@ def test_wrong_dtype_names_expected_and_got():
 @pytest.mark.parametrize(
     ("mask", "error", "message"),
     [
-        ("checkerboard", ValueError, "'half', 'alternating' or a boolean tensor, got 'checkerboard'"),
+        ("checkerboard", ValueError, r"'half', 'alternating' or a boolean tensor for event shape \(4,\), got 'checkerboard'"),
         (torch.tensor([True, True, True, True]), ValueError, "at least one True .* and one False"),
         (torch.tensor([False, False, False, False]), ValueError, "at least one True .* and one False"),
         (torch.tensor([True, False, True]), ValueError, r"mask must have shape \(4,\), got \(3,\)"),

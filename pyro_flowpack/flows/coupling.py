@@ -11,7 +11,7 @@ from ..transforms.normalization import ActNorm
 __all__ = ["NICE", "RealNVP", "alternating_masks"]
 
 
-def alternating_masks(features: int, transforms: int, mask: MaskLike = "half") -> list:
+def alternating_masks(features, transforms: int, mask: MaskLike = "half") -> list:
     """The pass-through masks of ``transforms`` coupling layers, flipped every other layer."""
     if not isinstance(transforms, int) or transforms < 1:
         raise ValueError(f"transforms must be a positive int (number of layers), got {transforms!r}")

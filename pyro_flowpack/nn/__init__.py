@@ -2,5 +2,6 @@ r"""Conditioner networks: they know nothing of flows."""
 
 from .made import MADE, MaskedLinear
 from .mlp import MLP, cat_context
+from .resnet import ConvResNet, cat_channels
 
-__all__ = ["MLP", "MADE", "MaskedLinear", "cat_context"]
+__all__ = ["MLP", "MADE", "MaskedLinear", "ConvResNet", "cat_context", "cat_channels"]
