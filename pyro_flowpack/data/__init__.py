@@ -1,5 +1,6 @@
 r"""Data sets: arrays of samples as tensors. This package knows nothing of flows."""
 
+from .images import IMAGE_DATASETS, ImageDataset, cifar10, digits, fashion_mnist, image_dataset, mnist
 from .toy import (
     TOY_DATASETS,
     checkerboard,
@@ -20,4 +21,11 @@ __all__ = [
     "checkerboard",
     "pinwheel",
     "two_spirals",
+    "IMAGE_DATASETS",
+    "ImageDataset",
+    "image_dataset",
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
 ]
