@@ -56,10 +56,12 @@ class FlowDistribution(pdist.TransformedDistribution):
             self.base_dist.expand(batch_shape), self.transform, self.context, validate_args=self._validate_args
         )
 
-    def _check_value(self, value: Tensor) -> None:
+    def _check_value(self, value: Tensor) -> Tensor:
         name = type(self).__name__
-        check_tensor(name, "value", value, self.event_shape)
         reference = self.base_dist.mean
+        if isinstance(value, Tensor) and not value.is_floating_point() and self.transform.discrete_output:
+            value = value.to(reference.dtype)  # discrete data, e.g. uint8 pixels
+        check_tensor(name, "value", value, self.event_shape)
         if value.dtype != reference.dtype or value.device != reference.device:
             raise TypeError(
                 f"{name} expects a value of dtype {reference.dtype} on {reference.device} (the flow's), "
@@ -67,19 +69,36 @@ class FlowDistribution(pdist.TransformedDistribution):
             )
         if self._validate_args:
             check_finite(name, "value", value)
+        return value
 
     def log_prob(self, value: Tensor) -> Tensor:
-        self._check_value(value)
+        value = self._check_value(value)
         z, ladj = self.transform.inverse_and_ladj(value, self.context)
         return self.base_dist.log_prob(z) - ladj
 
-    def rsample(self, sample_shape: Sequence[int] = Size()) -> Tensor:
+    def _base_sample(self, sample_shape: Sequence[int], temperature: float) -> Tensor:
         z = self.base_dist.rsample(Size(sample_shape))
+        if temperature != 1.0:
+            if not temperature > 0:
+                raise ValueError(f"{type(self).__name__}: temperature must be positive, got {temperature!r}")
+            mean = self.base_dist.mean
+            z = mean + temperature * (z - mean)
+        return z
+
+    def rsample(self, sample_shape: Sequence[int] = Size(), temperature: float = 1.0) -> Tensor:
+        r"""Draws :math:`x = f(z)`; with ``temperature`` :math:`T 
+eq 1` the base sample is
+        :math:`z = \mu + T (z_0 - \mu)` (Glow's reduced-temperature sampling for a
+        Gaussian base)."""
+        z = self._base_sample(sample_shape, temperature)
         return self.transform.call_and_ladj(z, self.context)[0]
 
-    def sample(self, sample_shape: Sequence[int] = Size()) -> Tensor:
+    def sample(self, sample_shape: Sequence[int] = Size(), temperature: float = 1.0) -> Tensor:
+        r"""Draws samples without gradients (integers, as ``torch.long``, when the flow
+        ends in a dequantization layer); see :meth:`rsample` for ``temperature``."""
         with torch.no_grad():
-            return self.rsample(sample_shape)
+            x = self.rsample(sample_shape, temperature)
+        return x.long() if self.transform.discrete_output else x
 
     def rsample_and_log_prob(self, sample_shape: Sequence[int] = Size()) -> tuple[Tensor, Tensor]:
         r"""Returns samples :math:`x = f(z)` and their log-density in one forward pass."""

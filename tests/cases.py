@@ -24,7 +24,9 @@ from pyro_flowpack.transforms import (
     AffineCoupling,
     BatchNorm,
     Compose,
+    FactorOut,
     Inverse,
+    InvertibleConv1x1,
     LULinear,
     MaskedAffineAutoregressive,
     MaskedSplineAutoregressive,
@@ -131,6 +133,7 @@ LAYERS += [
     _image(lambda c: Logit(IMAGE), name="Logit", conditional=False, data=_unit, base_bound=4.0),
     _image(lambda c: Logit(IMAGE, alpha=0.0), name="Logit-alpha0", conditional=False, data=_unit, base_bound=4.0),
     _image(lambda c: Scale(IMAGE, 1 / 256), name="Scale", conditional=False),
+    _image(lambda c: InvertibleConv1x1(IMAGE), name="InvertibleConv1x1", conditional=False),
     _image(lambda c: Squeeze(IMAGE), name="Squeeze", conditional=False, base=(8, 2, 2)),
     _image(lambda c: Inverse(Squeeze(IMAGE)), name="Inverse-Squeeze", conditional=False, shape=(8, 2, 2), base=IMAGE),
     _image(
@@ -150,6 +153,15 @@ BUILDERS = [
         lambda c: pf.flows.NSF(FEATURES, c, transforms=2, hidden=HIDDEN, bins=4, autoregressive=True),
         layer=False,
     ),
+]
+
+BUILDERS += [
+    Case("Glow", lambda c: pf.flows.Glow(IMAGE, levels=2, steps=1, hidden_channels=8, dequantization=None),
+         layer=False, conditional=False, shape=IMAGE),
+    Case("MultiscaleRealNVP",
+         lambda c: pf.flows.MultiscaleRealNVP(IMAGE, levels=2, steps=1, hidden_channels=8, dequantization=None),
+         layer=False, conditional=False, shape=IMAGE),
+    Case("FactorOut", _layer(lambda c: FactorOut(IMAGE, ActNorm((1, 4, 4)))), conditional=False, shape=IMAGE),
 ]
 
 CASES = LAYERS + BUILDERS

@@ -3,16 +3,18 @@ r"""Layers: every one a Pyro ``TransformModule`` deriving from :class:`FlowTrans
 from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedSplineAutoregressive
 from .base import Compose, ConditionedTransform, FlowTransform, Inverse
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
+from .dequantization import Dequantization, UniformDequantization, VariationalDequantization
 from .elementwise import Logit, Scale
-from .linear import LULinear, Permute, Reverse
+from .linear import InvertibleConv1x1, LULinear, Permute, Reverse
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 from .normalization import ActNorm, BatchNorm
-from .reshape import Squeeze
+from .reshape import FactorOut, Squeeze
 
 __all__ = [
     "FlowTransform", "Inverse", "Compose", "ConditionedTransform",
     "Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling",
     "MaskedAutoregressive", "MaskedAffineAutoregressive", "MaskedSplineAutoregressive",
-    "Permute", "Reverse", "LULinear", "ActNorm", "BatchNorm", "Logit", "Scale", "Squeeze",
+    "Permute", "Reverse", "LULinear", "InvertibleConv1x1", "ActNorm", "BatchNorm", "Logit", "Scale", "Squeeze", "FactorOut",
+    "Dequantization", "UniformDequantization", "VariationalDequantization",
     "MonotoneMap", "Additive", "Affine", "RationalQuadraticSpline",
 ]

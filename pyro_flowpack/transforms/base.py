@@ -130,6 +130,8 @@ class FlowTransform(TransformModule):
     cache_inverse: bool = True
     #: Whether the layer caches at all (composite layers rely on their parts).
     caches: bool = True
+    #: Whether the data side holds discrete values (a dequantization layer).
+    discrete_output: bool = False
 
     def __init__(self, event_shape: ShapeLike, context: ShapeLike = 0) -> None:
         super().__init__(cache_size=0)
@@ -464,6 +466,10 @@ class Compose(FlowTransform):
     @property
     def output_shape(self) -> Size:
         return self._shapes[-1]
+
+    @property
+    def discrete_output(self) -> bool:
+        return bool(self.parts) and getattr(self.parts[-1], "discrete_output", False)
 
     def _run(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         parts = zip(self.parts, self._shapes, self._shapes[1:])

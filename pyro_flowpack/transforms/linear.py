@@ -14,12 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowTransform, check_features
+from .base import FlowTransform, as_shape, check_features
 
 __all__ = [
     "Permute",
     "Reverse",
     "LULinear",
+    "InvertibleConv1x1",
 ]
 
 
@@ -201,3 +202,45 @@ class LULinear(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"features={self.lu.shape[-1]}"
+
+
+class InvertibleConv1x1(LULinear):
+    r"""Creates Glow's invertible 1x1 convolution on images ``(C, H, W)``: the same
+    LU-parameterised :class:`LULinear` map :math:`W = P L U` (plus a bias) applied to the
+    channels of every pixel, so that
+
+    .. math:: \log |\det J| = H W \sum_{i=1}^C s_i .
+
+    It starts as a random rotation of the channels.
+
+    Arguments:
+        shape: The image shape ``(C, H, W)``.
+
+    Example:
+        >>> t = InvertibleConv1x1((4, 8, 8))
+        >>> y, ladj = t.call_and_ladj(torch.randn(2, 4, 8, 8))
+        >>> y.shape, ladj.shape
+        (torch.Size([2, 4, 8, 8]), torch.Size([2]))
+
+    References:
+        | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma et al., 2018)
+        | https://arxiv.org/abs/1807.03039
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        shape = as_shape(shape)
+        if len(shape) != 3:
+            raise ValueError(f"InvertibleConv1x1 expects an image shape (C, H, W), got {tuple(shape)}")
+        super().__init__(shape[0])
+        self.event_shape = shape
+
+    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        y, ladj = super()._forward_and_ladj(x.movedim(-3, -1), context)
+        return y.movedim(-1, -3), ladj.sum((-2, -1))
+
+    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        x, ladj = super()._inverse_and_ladj(y.movedim(-3, -1), context)
+        return x.movedim(-1, -3), ladj.sum((-2, -1))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.event_shape)}"

@@ -7,12 +7,14 @@ later layers see a coarser image with more channels.
 
 from __future__ import annotations
 
+import torch
 from torch import Size, Tensor
 
 from .base import FlowTransform, ShapeLike, as_shape
 
 __all__ = [
     "Squeeze",
+    "FactorOut",
 ]
 
 
@@ -102,3 +104,59 @@ class Squeeze(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self._output_shape)}"
+
+
+class FactorOut(FlowTransform):
+    r"""Creates the multi-scale split of RealNVP and Glow: the first channels go on
+    through ``inner`` (the deeper levels of the flow) while the others are factored out,
+    passing through unchanged,
+
+    .. math:: y = (f(x_{1:s}), \; x_{s+1:C}), \qquad
+        \log |\det J| = \log |\det J_f(x_{1:s})| ,
+
+    where :math:`s` is the number of channels of ``inner``. In the density direction
+    the factored-out channels reach the base distribution at this level. Glow's learned
+    prior for them, :math:`\mathcal{N}(\mu(y_{1:s}), \sigma(y_{1:s})^2)`, is an affine
+    coupling with a channel mask placed right after this layer on the data side.
+
+    Arguments:
+        shape: The image shape :math:`(C, H, W)` on both sides.
+        inner: A layer on :math:`(s, H, W)` with the same shape on both sides.
+
+    Example:
+        >>> inner = ActNorm((2, 4, 4))
+        >>> split = FactorOut((4, 4, 4), inner)
+        >>> y, ladj = split.call_and_ladj(torch.randn(3, 4, 4, 4))
+
+    References:
+        | Density estimation using Real NVP (Dinh et al., 2017)
+        | https://arxiv.org/abs/1605.08803
+    """
+
+    def __init__(self, shape: ShapeLike, inner: FlowTransform) -> None:
+        shape = as_shape(shape)
+        if not isinstance(inner, FlowTransform):
+            raise TypeError(f"FactorOut expects a FlowTransform as inner, got {type(inner).__name__}")
+        s = inner.event_shape
+        if len(shape) != 3 or inner.output_shape != s or len(s) != 3 or s[1:] != shape[1:] or s[0] >= shape[0]:
+            raise ValueError(
+                f"FactorOut expects an image shape (C, H, W) and an inner layer on (s, H, W) with "
+                f"s < C and the same shape on both sides; got shape {tuple(shape)} and inner "
+                f"{tuple(s)} -> {tuple(inner.output_shape)}"
+            )
+        super().__init__(shape, inner.context_shape or 0)
+        self.inner = inner
+        self._sizes = (s[0], shape[0] - s[0])
+
+    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        kept, factored = x.split(self._sizes, dim=-3)
+        y, ladj = self.inner.call_and_ladj(kept, context)
+        return torch.cat((y, factored.expand(*y.shape[:-3], *factored.shape[-3:])), dim=-3), ladj
+
+    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        kept, factored = y.split(self._sizes, dim=-3)
+        x, ladj = self.inner.inverse_and_ladj(kept, context)
+        return torch.cat((x, factored.expand(*x.shape[:-3], *factored.shape[-3:])), dim=-3), ladj
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.event_shape)}, kept={self._sizes[0]}"
