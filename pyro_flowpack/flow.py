@@ -86,10 +86,9 @@ class FlowDistribution(pdist.TransformedDistribution):
         return z
 
     def rsample(self, sample_shape: Sequence[int] = Size(), temperature: float = 1.0) -> Tensor:
-        r"""Draws :math:`x = f(z)`; with ``temperature`` :math:`T 
-eq 1` the base sample is
-        :math:`z = \mu + T (z_0 - \mu)` (Glow's reduced-temperature sampling for a
-        Gaussian base)."""
+        r"""Draws :math:`x = f(z)`. With a temperature :math:`T \neq 1` the base sample
+        is :math:`z = \mu + T (z_0 - \mu)`, Glow's reduced-temperature sampling for a
+        Gaussian base."""
         z = self._base_sample(sample_shape, temperature)
         return self.transform.call_and_ladj(z, self.context)[0]
 
