@@ -21,7 +21,7 @@ from torch import Size
 
 from ..flow import Flow
 from ..transforms.base import Compose, FlowTransform, Inverse, as_shape
-from ..transforms.coupling import AffineCoupling, coupling_mask
+from ..transforms.coupling import AffineCoupling, SplineCoupling, coupling_mask
 from ..transforms.dequantization import UniformDequantization, VariationalDequantization
 from ..transforms.elementwise import Logit
 from ..transforms.linear import InvertibleConv1x1
@@ -81,14 +81,15 @@ def multiscale(shape: Sequence[int], levels: int, steps: StepsBuilder, prior: St
 
 
 def dequantization_layers(shape: Size, dequantization: str | None, num_bins: int, alpha: float,
-                          hidden_channels: int) -> list:
-    """The data-side layers of an image flow: logit pre-processing and dequantization."""
+                          hidden_channels: int, steps: int = 2) -> list:
+    """The data-side layers of an image flow: logit pre-processing and dequantization
+    (a variational one has ``steps`` couplings with ``hidden_channels`` channels)."""
     if dequantization is None:
         return []
     if dequantization == "uniform":
         layer = UniformDequantization(shape, num_bins)
     elif dequantization == "variational":
-        layer = VariationalDequantization(shape, num_bins, hidden=hidden_channels)
+        layer = VariationalDequantization(shape, num_bins, steps=steps, hidden=hidden_channels)
     else:
         raise ValueError(f"dequantization must be 'uniform', 'variational' or None, got {dequantization!r}")
     return [Logit(shape, alpha), layer]
@@ -120,6 +121,10 @@ class Glow(Flow):
         num_bins: The number of pixel levels :math:`K`.
         alpha: The squeeze of the logit pre-processing.
         blocks: The residual blocks of each coupling's ResNet.
+        coupling: ``"affine"`` (Glow) or ``"spline"`` (rational-quadratic spline
+            couplings, as in neural spline flows).
+        bins: The number of spline bins (``coupling="spline"``).
+        dequantization_channels: The hidden channels of the variational dequantizer.
 
     Example:
         >>> flow = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16, num_bins=17)
@@ -136,18 +141,25 @@ class Glow(Flow):
 
     def __init__(self, shape: Sequence[int] = (1, 8, 8), levels: int = 2, steps: int = 4,
                  hidden_channels: int = 64, dequantization: str | None = "uniform", num_bins: int = 256,
-                 alpha: float = 0.05, blocks: int = 1) -> None:
+                 alpha: float = 0.05, blocks: int = 1, coupling: str = "affine", bins: int = 8,
+                 dequantization_channels: int = 32) -> None:
         shape = as_shape(shape)
+        if coupling not in ("affine", "spline"):
+            raise ValueError(f"Glow: coupling must be 'affine' or 'spline', got {coupling!r}")
+
+        def glow_coupling(s: Size) -> FlowTransform:
+            if coupling == "spline":
+                return SplineCoupling(s, "channel", hidden=hidden_channels, bins=bins, blocks=blocks)
+            return AffineCoupling(s, "channel", hidden=hidden_channels, blocks=blocks)
 
         def glow_steps(s: Size, i: int) -> list:
             layers = []
             for _ in range(steps):  # base to data: coupling, 1x1 convolution, ActNorm
-                layers += [AffineCoupling(s, "channel", hidden=hidden_channels, blocks=blocks),
-                           InvertibleConv1x1(s), ActNorm(s)]
+                layers += [glow_coupling(s), InvertibleConv1x1(s), ActNorm(s)]
             return layers
 
         body = multiscale(shape, levels, glow_steps, prior=_prior(hidden_channels))
-        super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, hidden_channels)])
+        super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, dequantization_channels)])
 
 
 class MultiscaleRealNVP(Flow):
@@ -167,6 +179,7 @@ class MultiscaleRealNVP(Flow):
         num_bins: The number of pixel levels :math:`K`.
         alpha: The squeeze of the logit pre-processing.
         blocks: The residual blocks of each coupling's ResNet.
+        dequantization_channels: The hidden channels of the variational dequantizer.
 
     Example:
         >>> flow = MultiscaleRealNVP((1, 8, 8), levels=2, steps=2, hidden_channels=16, num_bins=17)
@@ -180,7 +193,7 @@ class MultiscaleRealNVP(Flow):
 
     def __init__(self, shape: Sequence[int] = (1, 8, 8), levels: int = 2, steps: int = 3,
                  hidden_channels: int = 64, dequantization: str | None = "uniform", num_bins: int = 256,
-                 alpha: float = 0.05, blocks: int = 2) -> None:
+                 alpha: float = 0.05, blocks: int = 2, dequantization_channels: int = 32) -> None:
         shape = as_shape(shape)
 
         def couplings(kind: str, count: int) -> StepsBuilder:
@@ -196,4 +209,4 @@ class MultiscaleRealNVP(Flow):
             shape, levels, couplings("channel", steps), prior=_prior(hidden_channels),
             before_squeeze=couplings("checkerboard", steps), last=couplings("checkerboard", steps + 1),
         )
-        super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, hidden_channels)])
+        super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, dequantization_channels)])
