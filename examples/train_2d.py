@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 import pyro_flowpack as pf
+from pyro_flowpack.train import write_atomically
 from pyro_flowpack.data import TOY_DATASETS, toy_dataset
 
 TRAIN_SIZE = 20_000
@@ -139,20 +139,6 @@ def picture(flow: pf.Flow, test_x: Tensor) -> Tensor:
     separator = torch.ones(3, PANEL, SEPARATOR)
     images = [colourise(normalise(panel)) for panel in panels]
     return torch.cat([images[0], separator, images[1], separator, images[2]], dim=-1)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``,
-    so that a reader never sees a partly written file."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,6 +47,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 import pyro_flowpack as pf
+from pyro_flowpack.train import write_atomically
 from pyro_flowpack.data import IMAGE_DATASETS, ImageDataset, image_dataset
 
 FLOWS: dict[str, Callable[..., pf.Flow]] = {"glow": pf.flows.Glow, "realnvp": pf.flows.MultiscaleRealNVP}
@@ -208,20 +208,6 @@ def loss_curve(losses: list[float], history: list[dict]) -> tuple[Tensor, tuple[
     canvas[:, upper:lower + 1, left - 1] = 0.0  # y axis
     canvas[:, lower + 1, left - 1:right + 1] = 0.0  # x axis
     return canvas, (bottom, top)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``,
-    so that a reader never sees a partly written file."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
