@@ -194,10 +194,18 @@ class Flow(nn.Module):
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         r"""Returns the flow's distribution, conditioned on ``context`` of shape
         ``(..., C)`` for a conditional flow; its batch shape is then ``(...)``."""
-        self.transform._check_context(context, name=type(self).__name__)
-        if context is not None and Distribution._validate_args:
-            check_finite(type(self).__name__, "context", context)
+        name = type(self).__name__
+        self.transform._check_context(context, name=name)
         base = self.base()
+        if context is not None:
+            reference = base.mean
+            if context.dtype != reference.dtype or context.device != reference.device:
+                raise TypeError(
+                    f"{name} expects a context of dtype {reference.dtype} on {reference.device} (the "
+                    f"flow's), got {context.dtype} on {context.device}"
+                )
+            if Distribution._validate_args:
+                check_finite(name, "context", context)
         batch = () if context is None else context.shape[: context.dim() - len(self.transform.context_shape)]
         if batch:
             base = base.expand(batch)

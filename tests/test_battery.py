@@ -292,3 +292,14 @@ def test_each_network_runs_once_per_call(case, context):
     y = d.rsample()
     again = calls(lambda: d.log_prob(y))  # a value just sampled reuses the evaluation
     assert all(v == 0 for v in again.values()), again
+
+
+def test_context_changed_in_place_is_not_served_from_the_cache(case, context):
+    if not context:
+        pytest.skip("unconditional")
+    flow = make_flow(case, context)
+    c = case.context_sample(context, (4,))
+    d = flow(c)
+    y = d.rsample()
+    c.copy_(case.context_sample(context, (4,)))  # a refilled context buffer
+    assert torch.allclose(d.log_prob(y), d.log_prob(y.clone()), rtol=0, atol=1e-8)

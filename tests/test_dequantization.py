@@ -145,3 +145,10 @@ def test_invalid_options():
         pf.flows.Glow((1, 4, 4), levels=1, dequantization="gaussian")
     with pytest.raises(ValueError, match=r"divisible by 4, got \(1, 6, 6\)"):
         pf.flows.Glow((1, 6, 6), levels=2)
+
+
+@pytest.mark.parametrize("builder", [pf.flows.Glow, pf.flows.MultiscaleRealNVP])
+@pytest.mark.parametrize("steps", [0, 2.5])
+def test_image_builders_reject_bad_steps(builder, steps):
+    with pytest.raises(ValueError, match=f"steps must be a positive int .* got {steps}"):
+        builder((1, 4, 4), levels=1, steps=steps)

@@ -147,3 +147,8 @@ def test_import_leaves_distribution_validation_as_it_was(setting):
         f"assert torch.distributions.Distribution._validate_args is {setting}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_context_of_another_dtype_names_expected_and_got():
+    with pytest.raises(TypeError, match="context of dtype torch.float32 .* got torch.float64"):
+        pf.flows.MAF(4, context=2)(torch.randn(3, 2, dtype=torch.float64))

@@ -80,6 +80,11 @@ def multiscale(shape: Sequence[int], levels: int, steps: StepsBuilder, prior: St
     return level(shape, 0)
 
 
+def _check_steps(name: str, steps: object) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name}: steps must be a positive int (steps per level), got {steps!r}")
+
+
 def dequantization_layers(shape: Size, dequantization: str | None, num_bins: int, alpha: float,
                           hidden_channels: int, steps: int = 2) -> list:
     """The data-side layers of an image flow: logit pre-processing and dequantization
@@ -144,6 +149,7 @@ class Glow(Flow):
                  alpha: float = 0.05, blocks: int = 1, coupling: str = "affine", bins: int = 8,
                  dequantization_channels: int = 32) -> None:
         shape = as_shape(shape)
+        _check_steps("Glow", steps)
         if coupling not in ("affine", "spline"):
             raise ValueError(f"Glow: coupling must be 'affine' or 'spline', got {coupling!r}")
 
@@ -195,6 +201,7 @@ class MultiscaleRealNVP(Flow):
                  hidden_channels: int = 64, dequantization: str | None = "uniform", num_bins: int = 256,
                  alpha: float = 0.05, blocks: int = 2, dequantization_channels: int = 32) -> None:
         shape = as_shape(shape)
+        _check_steps("MultiscaleRealNVP", steps)
 
         def couplings(kind: str, count: int) -> StepsBuilder:
             def build(s: Size, i: int) -> list:

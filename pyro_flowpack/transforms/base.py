@@ -20,7 +20,7 @@ summed over the event dimensions (its shape is the batch shape).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,12 +92,21 @@ def _collect_versions(module: nn.Module, out: list[int]) -> None:
 
 
 class _CacheEntry:
-    """One evaluation of a layer: its inputs, outputs and the state it was computed in."""
+    """One evaluation of a layer: its inputs, outputs, and what it depends on."""
 
     __slots__ = ("x", "y", "ladj", "context", "source", "key")
 
-    def __init__(self, x, y, ladj, context, source, key):
-        self.x, self.y, self.ladj, self.context, self.source, self.key = x, y, ladj, context, source, key
+    def __init__(self, x: Tensor, y: Tensor, ladj: Tensor, context: Tensor | None, source: str, state: tuple):
+        self.x, self.y, self.ladj, self.context, self.source = x, y, ladj, context, source
+        self.key = (state, self._versions(x, y, context))
+
+    @staticmethod
+    def _versions(x: Tensor, y: Tensor, context: Tensor | None) -> tuple:
+        return x._version, y._version, None if context is None else context._version
+
+    def valid(self, state: tuple | None) -> bool:
+        """Whether the layer's state and the tensors (context included) are unchanged."""
+        return self.key == (state, self._versions(self.x, self.y, self.context))
 
 
 class FlowTransform(TransformModule):
@@ -126,8 +135,6 @@ class FlowTransform(TransformModule):
     #: The direction that needs sequential passes (``"forward"`` for a MAF layer,
     #: ``"inverse"`` for an IAF layer), or ``None`` if both are one pass.
     sequential: str | None = None
-    #: Whether the result of the inverse (density) direction may be cached.
-    cache_inverse: bool = True
     #: Whether the layer caches at all (composite layers rely on their parts).
     caches: bool = True
     #: Whether the data side holds discrete values (a dequantization layer).
@@ -226,9 +233,7 @@ class FlowTransform(TransformModule):
         if entry is None or entry.source != source or entry.context is not context:
             return None
         out = entry.y if source == "x" else entry.x
-        if out is not value:
-            return None
-        if entry.key != (self._state_key(), entry.x._version, entry.y._version):
+        if out is not value or not entry.valid(self._state_key()):
             return None
         return entry
 
@@ -237,7 +242,7 @@ class FlowTransform(TransformModule):
         if state is None or x.is_inference() or y.is_inference():
             self._cache = None
             return
-        self._cache = _CacheEntry(x, y, ladj, context, source, (state, x._version, y._version))
+        self._cache = _CacheEntry(x, y, ladj, context, source, state)
 
     def clear_cache(self) -> None:
         """Forgets the cached evaluation (it is never needed for correctness)."""
@@ -268,21 +273,15 @@ class FlowTransform(TransformModule):
         if entry is not None:
             return entry.x, entry.ladj
         x, ladj = self._inverse_and_ladj(self._broadcast(y, context, self.output_shape), context)
-        if self.cache_inverse:
-            self._store(x, y, ladj, context, "y")
+        self._store(x, y, ladj, context, "y")
         return x, ladj
 
     def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
         r"""The log-abs-det-Jacobian of the forward map for the pair ``y = f(x)``."""
         entry = self._cache
-        if (
-            entry is not None
-            and entry.x is x
-            and entry.y is y
-            and entry.context is context
-            and entry.key == (self._state_key(), x._version, y._version)
-        ):
-            return entry.ladj
+        if entry is not None and entry.x is x and entry.y is y and entry.context is context:
+            if entry.valid(self._state_key()):
+                return entry.ladj
         if self.sequential == "forward":
             return self.inverse_and_ladj(y, context)[1]
         return self.call_and_ladj(x, context)[1]
@@ -459,6 +458,9 @@ class Compose(FlowTransform):
             shapes_ = sorted(tuple(c) for c in contexts)
             raise ValueError(f"Compose: parts disagree on the context shape: {shapes_}")
         super().__init__(shapes[0], contexts.pop() if contexts else 0)
+        directions = {getattr(t, "sequential", None) for t in transforms}
+        # the direction to avoid for a log-determinant alone
+        self.sequential = "forward" if "forward" in directions else ("inverse" if "inverse" in directions else None)
         self.parts = list(transforms)
         self.modules_ = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
         self._shapes = shapes
@@ -491,10 +493,7 @@ class Compose(FlowTransform):
         check_tensor("Compose", "input", y, self.output_shape)
         return self._run(y, self._check_context(context), inverse=True)
 
-    def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
-        if any(getattr(t, "sequential", None) == "forward" for t in self.parts):
-            return self.inverse_and_ladj(y, context)[1]
-        return self.call_and_ladj(x, context)[1]
+
 
     def __len__(self) -> int:
         return len(self.parts)

@@ -46,7 +46,6 @@ class Dequantization(FlowTransform):
     # fresh noise at every call: never reuse an evaluation, not even for a value that
     # the flow itself just sampled
     caches = False
-    cache_inverse = False
     discrete_output = True
 
     def __init__(self, shape: ShapeLike, num_bins: int) -> None:

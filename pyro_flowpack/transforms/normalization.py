@@ -147,12 +147,6 @@ class BatchNorm(FlowTransform):
         torch.Size([3])
     """
 
-    # In training mode, log_abs_det_jacobian(x, y) of a pair from the inverse must be the
-    # batch-statistics ladj, which only the cached entry holds (a fresh forward pass uses
-    # the running statistics). The key is taken after the running-stat update, so the
-    # entry is valid until the next update or parameter change.
-    cache_inverse = True
-
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         check_features("BatchNorm", features)
         if not 0.0 <= momentum <= 1.0:
