@@ -187,6 +187,13 @@ class Flow(nn.Module):
         """The event shape of the data side."""
         return self.transform.output_shape
 
+    def clear_cache(self) -> None:
+        """Forgets every layer's cached evaluation (only needed after changing parameters
+        through ``.data``, which torch's version counters do not see)."""
+        for module in self.modules():
+            if isinstance(module, FlowTransform):
+                module.clear_cache()
+
     def base(self) -> Distribution:
         """The base distribution, built from the flow's buffers."""
         return self._build_base(self._base_recipe)

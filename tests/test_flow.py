@@ -85,3 +85,16 @@ def test_flow_trains_by_maximum_likelihood():
     with torch.no_grad():
         nll = -flow().log_prob(x).mean()
     assert nll < target.entropy() + 0.1, (nll, target.entropy())
+
+
+def test_clear_cache_after_an_update_through_data():
+    """Version counters do not see ``.data`` writes; ``flow.clear_cache()`` forgets every
+    layer's evaluation so the next log_prob is fresh (float32, 1e-6)."""
+    torch.manual_seed(0)
+    flow = pf.flows.RealNVP(3, transforms=2, hidden=(8,))
+    d = flow()
+    y = d.rsample((5,))
+    for p in flow.parameters():
+        p.data.add_(0.1)
+    flow.clear_cache()
+    assert torch.allclose(d.log_prob(y), d.log_prob(y.clone()), atol=1e-6)
