@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Size, Tensor
 from torch.distributions import Distribution, Independent, Normal, Transform
 
-from .transforms.base import Compose, FlowTransform, check_finite, check_tensor
+from .transforms.base import Compose, FlowTransform, check_finite, check_like, check_tensor
 
 __all__ = ["Flow", "FlowDistribution"]
 
@@ -62,11 +62,7 @@ class FlowDistribution(pdist.TransformedDistribution):
         if isinstance(value, Tensor) and not value.is_floating_point() and self.transform.discrete_output:
             value = value.to(reference.dtype)  # discrete data, e.g. uint8 pixels
         check_tensor(name, "value", value, self.event_shape)
-        if value.dtype != reference.dtype or value.device != reference.device:
-            raise TypeError(
-                f"{name} expects a value of dtype {reference.dtype} on {reference.device} (the flow's), "
-                f"got {value.dtype} on {value.device}; move the flow with .to() or convert the value"
-            )
+        check_like(name, "value", value, reference)
         if self._validate_args:
             check_finite(name, "value", value)
         return value
@@ -205,12 +201,7 @@ class Flow(nn.Module):
         self.transform._check_context(context, name=name)
         base = self.base()
         if context is not None:
-            reference = base.mean
-            if context.dtype != reference.dtype or context.device != reference.device:
-                raise TypeError(
-                    f"{name} expects a context of dtype {reference.dtype} on {reference.device} (the "
-                    f"flow's), got {context.dtype} on {context.device}"
-                )
+            check_like(name, "context", context, base.mean)
             if Distribution._validate_args:
                 check_finite(name, "context", context)
         batch = () if context is None else context.shape[: context.dim() - len(self.transform.context_shape)]

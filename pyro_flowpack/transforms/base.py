@@ -71,6 +71,15 @@ def check_tensor(name: str, what: str, value: Any, event_shape: Size) -> None:
         raise TypeError(f"{name} expects a floating-point {what}, got dtype {value.dtype}")
 
 
+def check_like(name: str, what: str, value: Tensor, reference: Tensor) -> None:
+    r"""Raises a clear error unless ``value`` has the dtype and device of ``reference``."""
+    if value.dtype != reference.dtype or value.device != reference.device:
+        raise TypeError(
+            f"{name} expects a {what} of dtype {reference.dtype} on {reference.device} (the flow's), "
+            f"got {value.dtype} on {value.device}; move the flow with .to() or convert the {what}"
+        )
+
+
 def check_finite(name: str, what: str, value: Tensor) -> None:
     r"""Under torch's distribution validation, raises if ``value`` holds NaN or infinity."""
     if Distribution._validate_args and not bool(torch.isfinite(value).all()):
