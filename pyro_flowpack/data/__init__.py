@@ -1,6 +1,8 @@
 r"""Data sets: arrays of samples as tensors. This package knows nothing of flows."""
 
 from .images import IMAGE_DATASETS, ImageDataset, cifar10, digits, fashion_mnist, image_dataset, mnist
+from .splits import DATA_ALIASES, DATA_NAMES, DataSplits, load_data
+from .tabular import SUPPORTED_SUFFIXES, Standardizer, load_tabular
 from .toy import (
     TOY_DATASETS,
     checkerboard,
@@ -28,4 +30,11 @@ __all__ = [
     "mnist",
     "fashion_mnist",
     "cifar10",
+    "SUPPORTED_SUFFIXES",
+    "Standardizer",
+    "load_tabular",
+    "DATA_ALIASES",
+    "DATA_NAMES",
+    "DataSplits",
+    "load_data",
 ]

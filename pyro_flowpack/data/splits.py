@@ -1,0 +1,242 @@
+r"""One entry point to every data set: train, validation and test splits by name or path.
+
+:func:`load_data` is what the trainer and the ``flowpack`` command call. Its ``spec`` is
+
+- the name of a toy 2-D set (:data:`~pyro_flowpack.data.toy.TOY_DATASETS`, or a short
+  alias such as ``moons``), drawn afresh with ``seed``;
+- the name of an image set (:data:`~pyro_flowpack.data.images.IMAGE_DATASETS`), with its
+  own train/test split;
+- or the path of a tabular file (:func:`~pyro_flowpack.data.tabular.load_tabular`),
+  shuffled with ``seed``, split, and standardised with the train split's statistics.
+
+Names are matched without regard to case, and ``-`` counts as ``_`` (``Fashion-MNIST``
+is ``fashion_mnist``). Every split is deterministic in ``seed``, and the global random
+state is neither read nor changed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .images import IMAGE_DATASETS, image_dataset
+from .tabular import SUPPORTED_SUFFIXES, Standardizer, load_tabular
+from .toy import TOY_DATASETS, toy_dataset
+
+__all__ = ["DATA_ALIASES", "DATA_NAMES", "DataSplits", "load_data"]
+
+DATA_ALIASES: dict[str, str] = {
+    "moons": "two_moons",
+    "spirals": "two_spirals",
+    "8gaussians": "eight_gaussians",
+    "gaussians": "eight_gaussians",
+}
+
+DATA_NAMES: list[str] = [*TOY_DATASETS, *DATA_ALIASES, *IMAGE_DATASETS]
+
+DEFAULT_TOY_SIZE = 20000
+
+
+@dataclass
+class DataSplits:
+    r"""A data set's train, validation and test splits, with what is needed to model it.
+
+    Attributes:
+        name: The data set's name (``"two_moons"``, ``"digits"``) or the file's path.
+        kind: ``"toy"``, ``"tabular"`` or ``"image"``.
+        train: The training split. Toy: ``float32`` of shape ``(N, 2)``; tabular:
+            ``float32`` of shape ``(N, D)``, already standardised; image: integers of
+            shape ``(N, C, H, W)`` in ``[0, num_bins)``, as :attr:`ImageDataset.images`.
+        valid: The validation split, of the same kind (possibly empty).
+        test: The test split, of the same kind (possibly empty).
+        event_shape: The shape of one sample: ``(D,)`` or ``(C, H, W)``.
+        num_bins: Images only: the number of levels a pixel can take.
+        standardizer: Tabular only: the map fitted on the train split, whose
+            :meth:`~pyro_flowpack.data.tabular.Standardizer.inverse` takes samples back
+            to data units.
+        labels: Images only: the class labels of each split, keyed ``"train"``,
+            ``"valid"`` and ``"test"``.
+    """
+
+    name: str
+    kind: str
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+    event_shape: torch.Size
+    num_bins: int | None = None
+    standardizer: Standardizer | None = None
+    labels: dict[str, Tensor] | None = None
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{split}={len(getattr(self, split))}" for split in ("train", "valid", "test"))
+        return f"DataSplits(name={self.name!r}, kind={self.kind!r}, {sizes}, event_shape={tuple(self.event_shape)})"
+
+
+def _canonical(spec: str) -> str | None:
+    """The known data set's name that ``spec`` spells, or None."""
+    name = spec.strip().lower().replace("-", "_")
+    name = DATA_ALIASES.get(name, name)
+    return name if name in TOY_DATASETS or name in IMAGE_DATASETS else None
+
+
+def _is_path(spec: str) -> bool:
+    return (
+        os.sep in spec
+        or (os.altsep is not None and os.altsep in spec)
+        or spec.lower().endswith(SUPPORTED_SUFFIXES)
+        or os.path.isfile(spec)
+    )
+
+
+def _sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """Rounds the split sizes (train, valid, test) of ``n`` items."""
+    n_valid, n_test = round(valid_fraction * n), round(test_fraction * n)
+    return n - n_valid - n_test, n_valid, n_test
+
+
+def load_data(
+    spec: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    seed: int = 0,
+    size: int | None = None,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    key: str | None = None,
+) -> DataSplits:
+    r"""Loads the data set ``spec`` as train, validation and test splits.
+
+    - Toy sets: ``size`` training points (20000 by default) and validation and test
+      points in the ratio of the fractions, ``round(size * f / (1 - valid_fraction -
+      test_fraction))`` each (2500 by default), all drawn in one call with ``seed`` and
+      cut into three disjoint slices. A different ``seed`` gives different points.
+    - Tabular files: the rows are shuffled by a permutation seeded with ``seed``; the
+      first ``round(test_fraction * N)`` go to the test split, the next
+      ``round(valid_fraction * N)`` to the validation split, the rest to the train split,
+      whose mean and standard deviation standardise all three. ``size``, if given, keeps
+      at most that many training rows (before standardising).
+    - Image sets: the data set's own train and test splits (digits: its fixed split);
+      a seeded ``valid_fraction`` of the train images becomes the validation split and
+      ``test_fraction`` is not used. ``size``, if given, keeps at most that many training
+      images. ``mnist``, ``fashion_mnist`` and ``cifar10`` need ``root``.
+
+    Arguments:
+        spec: A name of :data:`DATA_NAMES` or the path of a tabular file (anything with a
+            path separator or a supported suffix, or an existing file).
+        root: The directory of the torchvision image sets.
+        download: Whether to download a torchvision image set into ``root``.
+        seed: The seed of the toy draw, of the tabular shuffle and of the image
+            validation split.
+        size: The number of training points of a toy set; an upper bound on the training
+            split of the others (``None``: all of it).
+        valid_fraction: The fraction of the data in the validation split, in ``[0, 1)``.
+        test_fraction: The fraction in the test split (toy and tabular data).
+        key: The array of an ``.npz`` file or the tensor of a ``.pt`` dict to read.
+
+    Returns:
+        The splits, with their event shape and, by kind, ``num_bins``, ``labels`` or the
+        ``standardizer``.
+
+    Raises:
+        ValueError: If ``spec`` is neither a known name nor a path, or an argument is out
+            of range; :func:`~pyro_flowpack.data.tabular.load_tabular`'s errors for files.
+        FileNotFoundError: If a tabular file or a torchvision data set is missing.
+
+    Example:
+        >>> data = load_data("moons", size=1000, seed=1)
+        >>> data
+        DataSplits(name='two_moons', kind='toy', train=1000, valid=125, test=125, event_shape=(2,))
+        >>> load_data("digits").train.shape, load_data("digits").num_bins
+        (torch.Size([1294, 1, 8, 8]), 17)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"load_data: seed must be an int, got {seed!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"load_data: size must be a positive int or None, got {size!r}")
+    for name, fraction in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= fraction < 1:
+            raise ValueError(f"load_data: {name} must lie in [0, 1), got {fraction!r}")
+    if valid_fraction + test_fraction >= 1:
+        raise ValueError(
+            "load_data: valid_fraction + test_fraction must be below 1 to leave a train split, "
+            f"got {valid_fraction!r} + {test_fraction!r}"
+        )
+    text = os.fspath(spec)
+    if not isinstance(text, str):
+        raise ValueError(f"load_data: spec must be a data set name or a path, got {spec!r}")
+    name = None if not isinstance(spec, str) else _canonical(text)
+    if name is None:
+        if not _is_path(text):
+            raise ValueError(
+                f"unknown data set {text!r}: neither a known name nor an existing file; known names are "
+                f"{', '.join(DATA_NAMES)}, or give the path of a {'/'.join(SUPPORTED_SUFFIXES)} file"
+            )
+        return _tabular(text, key, seed, size, valid_fraction, test_fraction)
+    if key is not None:
+        raise ValueError(f"load_data: key={key!r} applies only to .npz and .pt files, not to the data set {name!r}")
+    generator = torch.Generator().manual_seed(seed)
+    if name in TOY_DATASETS:
+        return _toy(name, seed, size, valid_fraction, test_fraction)
+    return _images(name, root, download, generator, size, valid_fraction)
+
+
+def _toy(name: str, seed: int, size: int | None, valid_fraction: float, test_fraction: float) -> DataSplits:
+    n_train = DEFAULT_TOY_SIZE if size is None else size
+    share = n_train / (1 - valid_fraction - test_fraction)
+    n_valid, n_test = round(valid_fraction * share), round(test_fraction * share)
+    points = toy_dataset(name, n_train + n_valid + n_test, seed).to(torch.float32)
+    train, valid, test = points.split([n_train, n_valid, n_test])
+    return DataSplits(name, "toy", train, valid, test, event_shape=torch.Size([2]))
+
+
+def _tabular(
+    path: str, key: str | None, seed: int, size: int | None, valid_fraction: float, test_fraction: float
+) -> DataSplits:
+    x = load_tabular(path, key=key)
+    n_train, n_valid, n_test = _sizes(len(x), valid_fraction, test_fraction)
+    if n_train < 2:
+        raise ValueError(
+            f"{path}: {len(x)} rows leave {n_train} for the train split after valid_fraction="
+            f"{valid_fraction!r} and test_fraction={test_fraction!r}; at least 2 are needed"
+        )
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    test, valid, train = (x[index] for index in order.split([n_test, n_valid, n_train]))
+    if size is not None:
+        train = train[:size]
+    standardizer = Standardizer.fit(train)
+    splits = (standardizer.transform(split) for split in (train, valid, test))
+    return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer)
+
+
+def _images(
+    name: str,
+    root: str | os.PathLike[str] | None,
+    download: bool,
+    generator: torch.Generator,
+    size: int | None,
+    valid_fraction: float,
+) -> DataSplits:
+    train = image_dataset(name, root, "train", download)
+    test = image_dataset(name, root, "test", download)
+    order = torch.randperm(len(train), generator=generator)
+    n_valid = round(valid_fraction * len(train))
+    valid_index, train_index = order.split([n_valid, len(train) - n_valid])
+    if size is not None:
+        train_index = train_index[:size]
+    # Each split keeps the data set's order.
+    valid_index, train_index = valid_index.sort().values, train_index.sort().values
+    return DataSplits(
+        name,
+        "image",
+        train.images[train_index],
+        train.images[valid_index],
+        test.images,
+        event_shape=train.shape,
+        num_bins=train.num_bins,
+        labels={"train": train.labels[train_index], "valid": train.labels[valid_index], "test": test.labels},
+    )
