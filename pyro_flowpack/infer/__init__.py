@@ -1,9 +1,13 @@
 r"""Inference and evaluation with flows: bits per dimension and importance-weighted
 log-likelihoods."""
 
+from .guides import GUIDE_FLOWS, AutoFlowGuide, guide_flow
 from .metrics import bits_per_dim, iw_log_prob
 
 __all__ = [
+    "AutoFlowGuide",
+    "guide_flow",
+    "GUIDE_FLOWS",
     "bits_per_dim",
     "iw_log_prob",
 ]

@@ -1,0 +1,296 @@
+r"""Normalizing-flow autoguides for Pyro models.
+
+:class:`AutoFlowGuide` fits all the latent sites of a Pyro model with one flow. As in
+Pyro's :class:`~pyro.infer.autoguide.AutoContinuous`, each latent site :math:`\theta_j`
+with support :math:`S_j` is mapped to the real line by :math:`u_j = T_j^{-1}(\theta_j)`,
+:math:`T_j` = ``biject_to(S_j)``, and the :math:`u_j` are packed into one vector
+:math:`u \in \mathbb{R}^D`. The guide is
+
+.. math::
+    z \sim \mathcal{N}(0, I_D), \qquad u = \mu + \sigma \odot g(z), \qquad
+    \theta_j = T_j(u_j),
+
+where :math:`g` is a flow in IAF form (the network of each layer reads the base side)
+and :math:`\mu, \sigma` a learned elementwise affine map (an
+:class:`~pyro_flowpack.transforms.ActNorm` set at ``init_loc`` and ``init_scale``).
+Its log-density is
+
+.. math::
+    \log q(\theta) = \log \mathcal{N}(z) - \log |\det J_g(z)| - \sum_i \log \sigma_i
+    - \sum_j \log |\det J_{T_j}(u_j)| ,
+
+so that drawing :math:`\theta` and scoring it is one forward pass: the flow's layers
+keep their evaluation of a sample they just drew, and ``log_prob`` of that very tensor
+(as :class:`~pyro.infer.Trace_ELBO` asks for) runs no inverse.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from torch import Tensor
+from torch.distributions import Transform
+
+from ..flow import Flow, FlowDistribution
+from ..flows.autoregressive import alternating_orders
+from ..flows.coupling import alternating_masks
+from ..transforms.autoregressive import MaskedAffineAutoregressive, MaskedSplineAutoregressive
+from ..transforms.base import FlowTransform, Inverse
+from ..transforms.coupling import AffineCoupling
+from ..transforms.normalization import ActNorm
+
+__all__ = ["AutoFlowGuide", "guide_flow", "GUIDE_FLOWS"]
+
+
+def _default_hidden(features: int) -> tuple[int, int]:
+    width = max(64, 4 * features)
+    return (width, width)
+
+
+def _nsf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None, bins: int = 8,
+         bound: float = 5.0, affine: bool = True) -> list[FlowTransform]:
+    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
+    layers: list[FlowTransform] = []
+    for order in alternating_orders(features, transforms):
+        if affine:
+            layers.append(Inverse(MaskedAffineAutoregressive(features, 0, hidden, order)))
+        layers.append(Inverse(MaskedSplineAutoregressive(features, 0, hidden, order, bins, bound)))
+    return layers
+
+
+def _iaf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None,
+         bound: float = 3.0) -> list[FlowTransform]:
+    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
+    return [Inverse(MaskedAffineAutoregressive(features, 0, hidden, order, bound))
+            for order in alternating_orders(features, transforms)]
+
+
+def _realnvp(features: int, transforms: int = 6, hidden: Sequence[int] | None = None,
+             bound: float = 3.0) -> list[FlowTransform]:
+    if features < 2:
+        raise ValueError(
+            f"flow='realnvp' needs at least 2 latent dimensions (coupling layers split the vector), "
+            f"got {features}; use flow='nsf' or 'iaf'"
+        )
+    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
+    return [AffineCoupling(features, mask, 0, hidden, bound) for mask in alternating_masks(features, transforms)]
+
+
+#: The flows :class:`AutoFlowGuide` knows by name, each a function of the number of
+#: latent dimensions and options returning layers in IAF (one-pass sampling) form.
+GUIDE_FLOWS: dict[str, Callable[..., list[FlowTransform]]] = {
+    "nsf": _nsf,
+    "iaf": _iaf,
+    "maf": _iaf,
+    "affine": _iaf,
+    "realnvp": _realnvp,
+}
+
+FlowSpec = str | type | Callable[..., Any]
+
+
+def _check_options(name: str, function: Callable, options: dict[str, Any]) -> None:
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [p for p in parameters if p != "features"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"AutoFlowGuide: unknown option(s) {unknown} for flow={name}; expected some of {accepted}")
+
+
+def _check_spec(flow: FlowSpec, options: dict[str, Any]) -> None:
+    if isinstance(flow, str):
+        if flow not in GUIDE_FLOWS:
+            raise ValueError(f"AutoFlowGuide: unknown flow {flow!r}; expected one of {sorted(GUIDE_FLOWS)}, "
+                             "a builder such as pf.flows.NSF, or a callable(features) returning a Flow")
+        _check_options(repr(flow), GUIDE_FLOWS[flow], options)
+    elif isinstance(flow, type):
+        if not issubclass(flow, Flow):
+            raise TypeError(f"AutoFlowGuide: a flow class must be a pyro_flowpack Flow builder "
+                            f"(such as pf.flows.NSF), got {flow.__name__}")
+        _check_options(flow.__name__, flow.__init__, options)
+    elif not callable(flow):
+        raise TypeError(f"AutoFlowGuide: flow must be a name in {sorted(GUIDE_FLOWS)}, a Flow builder or a "
+                        f"callable(features) returning a Flow, got {type(flow).__name__}")
+
+
+def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
+    r"""Builds the flow :math:`g` of a guide over ``features`` unconstrained dimensions.
+
+    Arguments:
+        flow: A name in :data:`GUIDE_FLOWS`:
+
+            * ``"nsf"``: blocks of an affine and a rational-quadratic spline
+              autoregressive layer in IAF form, the order reversed every block (options
+              ``transforms=4`` blocks, ``hidden``, ``bins=8``, ``bound=5.0`` the spline's
+              half-width, ``affine=True`` whether each block starts with an affine layer);
+            * ``"iaf"`` (also ``"maf"``, ``"affine"``): affine autoregressive layers in
+              IAF form (``transforms=4``, ``hidden``, ``bound=3.0`` on the log-scale);
+            * ``"realnvp"``: affine coupling layers (``transforms=6``, ``hidden``,
+              ``bound``), for :math:`D \ge 2`.
+
+            ``hidden`` defaults to two layers of :math:`\max(64, 4D)` units. Or a builder
+            class such as :class:`~pyro_flowpack.flows.NSF`, called as
+            ``flow(features=D, **options)``, or any callable ``flow(D, **options)``
+            returning a :class:`~pyro_flowpack.flow.Flow` or a single layer. A builder in
+            MAF form (:class:`~pyro_flowpack.flows.MAF`, ``NSF(autoregressive=True)``)
+            works but samples in :math:`D` sequential passes per layer.
+        features: The number of dimensions :math:`D`.
+        options: Options of the flow.
+
+    Returns:
+        The flow, with a standard normal base unless the builder chose another.
+
+    Example:
+        >>> g = guide_flow("nsf", 3, transforms=2)
+        >>> x, log_q = g().rsample_and_log_prob((5,))
+        >>> x.shape, log_q.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+    _check_spec(flow, options)
+    if isinstance(flow, str):
+        return Flow(GUIDE_FLOWS[flow](features, **options))
+    if isinstance(flow, type):
+        made = flow(features=features, **options)
+    else:
+        made = flow(features, **options)
+    if isinstance(made, Transform) and not isinstance(made, Flow):
+        made = Flow([made])
+    if not isinstance(made, Flow):
+        raise TypeError(f"AutoFlowGuide: the flow callable must return a pyro_flowpack Flow or a layer, "
+                        f"got {type(made).__name__}")
+    if made.event_shape != (features,) or made.transform.event_shape != (features,):
+        raise ValueError(f"AutoFlowGuide: the flow must act on vectors of the {features} latent dimensions, "
+                         f"got a flow with event shape {tuple(made.event_shape)}")
+    if made.context_features:
+        raise ValueError("AutoFlowGuide: the flow must be unconditional (context=0), "
+                         f"got one with {made.context_features} context features")
+    return made
+
+
+class AutoFlowGuide(AutoContinuous):
+    r"""An autoguide over all the latent sites of a Pyro model: a normalizing flow on
+    their unconstrained, concatenated values (see the module docstring for the maths).
+
+    Sampling the guide is one forward pass, and scoring its own samples (what
+    :class:`~pyro.infer.Trace_ELBO` does) reuses that pass, with no inverse. It works
+    with :class:`~pyro.infer.Trace_ELBO` (also with ``vectorize_particles=True``),
+    :class:`~pyro.infer.TraceMeanField_ELBO` (the guide is one joint site, so every
+    KL term is estimated by Monte Carlo) and :class:`~pyro.infer.Predictive`. All
+    latent sites must be continuous; hide discrete ones with ``poutine.block`` and
+    enumerate them, as for Pyro's autoguides.
+
+    Advice: Adam with a learning rate of about ``1e-2`` to ``3e-3`` and 8 vectorised
+    particles; the ELBO of a flow guide keeps improving for thousands of steps.
+
+    Arguments:
+        model: A Pyro model.
+        flow: The flow: a name (``"nsf"``, ``"iaf"``/``"maf"``/``"affine"``,
+            ``"realnvp"``), a builder class such as :class:`~pyro_flowpack.flows.NSF` or a
+            callable ``flow(D)`` returning a :class:`~pyro_flowpack.flow.Flow`; see
+            :func:`guide_flow`.
+        init_loc_fn: A per-site initialisation function (Pyro's
+            :ref:`autoguide-initialization`); the guide starts centred there.
+        init_scale: The initial scale :math:`\sigma` of every unconstrained dimension.
+        quantile_samples: The number of samples behind :meth:`median` and
+            :meth:`quantiles`.
+        options: Options of the flow (``transforms``, ``hidden``, ``bins``, ...).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        ...     pyro.sample("p", dist.Beta(2.0, 2.0))
+        >>> guide = AutoFlowGuide(model, flow="nsf", transforms=2)
+        >>> sorted(guide())
+        ['p', 'scale']
+        >>> guide.get_posterior().event_shape
+        torch.Size([2])
+    """
+
+    def __init__(self, model: Callable, flow: FlowSpec = "nsf", *, init_loc_fn: Callable = init_to_median,
+                 init_scale: float = 0.1, quantile_samples: int = 4096, **options: Any) -> None:
+        _check_spec(flow, options)
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0 \
+                or not math.isfinite(init_scale):
+            raise ValueError(f"AutoFlowGuide: init_scale must be a positive number, got {init_scale!r}")
+        if isinstance(quantile_samples, bool) or not isinstance(quantile_samples, int) or quantile_samples < 1:
+            raise ValueError(f"AutoFlowGuide: quantile_samples must be a positive int, got {quantile_samples!r}")
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._flow_spec = flow
+        self._flow_options = options
+        self.init_scale = float(init_scale)
+        self.quantile_samples = quantile_samples
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        loc = self._init_loc()
+        inner = guide_flow(self._flow_spec, self.latent_dim, **self._flow_options)
+        scale = ActNorm(self.latent_dim)
+        with torch.no_grad():
+            scale.loc.copy_(loc)
+            scale.log_scale.fill_(math.log(self.init_scale))
+            scale.initialized.fill_(True)
+        self.flow = Flow([inner.transform, scale], base=inner.base()).to(dtype=loc.dtype, device=loc.device)
+
+    def get_base_dist(self) -> torch.distributions.Distribution:
+        """The base distribution of the flow (a standard normal unless the builder chose another)."""
+        return self.flow.base()
+
+    def get_transform(self, *args: Any, **kwargs: Any) -> FlowTransform:
+        r"""The bijection from the base to the unconstrained latent vector, :math:`\mu + \sigma \odot g`."""
+        return self.flow.transform
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
+        """The flow's distribution over the unconstrained latent vector."""
+        return self.flow()
+
+    def _posterior_samples(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self.get_posterior(*args, **kwargs).sample((self.quantile_samples,))
+
+    def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
+        return {site["name"]: biject_to(site["fn"].support)(value) for site, value in self._unpack_latent(latent)}
+
+    @torch.no_grad()
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        r"""A Monte Carlo estimate (from ``quantile_samples`` draws) of the posterior
+        median of each unconstrained dimension, mapped to each site's support (the
+        median of the site itself for a one-dimensional monotone ``biject_to``, such as
+        a positive or interval support).
+
+        Returns:
+            A dict from site name to median tensor.
+        """
+        return self._constrain(self._posterior_samples(*args, **kwargs).median(0).values)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        r"""Monte Carlo estimates of posterior quantiles, computed per unconstrained
+        dimension and mapped to each site's support, as in Pyro's
+        :meth:`~pyro.infer.autoguide.AutoContinuous.quantiles`.
+
+        Arguments:
+            quantiles: The levels, between 0 and 1.
+
+        Returns:
+            A dict from site name to a tensor of shape ``(len(quantiles), *site_shape)``.
+        """
+        samples = self._posterior_samples(*args, **kwargs)
+        levels = torch.as_tensor(quantiles, dtype=samples.dtype, device=samples.device)
+        if levels.dim() != 1 or not bool(((levels >= 0) & (levels <= 1)).all()):
+            raise ValueError(f"AutoFlowGuide.quantiles expects a list of levels in [0, 1], got {quantiles!r}")
+        latents = torch.quantile(samples, levels, dim=0)
+        result: dict[str, list[Tensor]] = {}
+        for latent in latents:
+            for name, value in self._constrain(latent).items():
+                result.setdefault(name, []).append(value)
+        return {name: torch.stack(values) for name, values in result.items()}
