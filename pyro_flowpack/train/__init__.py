@@ -1,5 +1,24 @@
-r"""Maximum-likelihood training: file handling that never loses a run."""
+r"""Maximum-likelihood training: the loop, checkpoints that never lose a run, and
+data-parallel training under ``torchrun``."""
 
-from .checkpoint import write_atomically
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
+from .distributed import Distributed, setup, shard
+from .loop import RUN_FILES, NonFiniteLossError, StepInfo, TrainConfig, TrainResult, evaluate_nll, fit
 
-__all__ = ["write_atomically"]
+__all__ = [
+    "fit",
+    "evaluate_nll",
+    "TrainConfig",
+    "TrainResult",
+    "StepInfo",
+    "NonFiniteLossError",
+    "RUN_FILES",
+    "write_atomically",
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "Distributed",
+    "setup",
+    "shard",
+]
