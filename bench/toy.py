@@ -23,7 +23,7 @@ sampled without replacement, from a generator seeded with :math:`s` and the step
 every model in turn takes one step on that same batch: the loss
 :math:`-\frac{1}{B}\sum_i \log p(x_i)`, backward, the gradient norm clipped to 1, an Adam
 step (learning rate ``--lr``, default 1e-3) and a cosine decay of the learning rate to 0
-over ``--steps`` steps (default 2000). A step whose loss is not finite is skipped and
+over ``--steps`` steps (default 1000). A step whose loss is not finite is skipped and
 counted. The time of each model's step is read on the clock of the calling thread
 (``time.thread_time``; with one thread, other processes on a shared machine disturb it
 less than wall time) and the median is reported. After training, in eval mode and under
@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=list(TOY_DATASETS))
     parser.add_argument("--models", nargs="+", default=["ours", "zuko"], choices=list(MODELS),
                         help="models to train side by side (default: ours zuko)")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's initial learning rate (cosine decay to 0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
