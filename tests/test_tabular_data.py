@@ -226,7 +226,8 @@ def test_log_abs_det_is_the_density_change():
 def test_log_abs_det_matches_the_jacobian_of_inverse():
     standardizer = Standardizer.fit(_sample().double())
     jacobian = torch.autograd.functional.jacobian(standardizer.inverse, torch.zeros(3, dtype=torch.float64))
-    assert math.isclose(standardizer.log_abs_det().item(), torch.linalg.slogdet(jacobian).logabsdet.item(), rel_tol=1e-12)
+    expected = torch.linalg.slogdet(jacobian).logabsdet.item()
+    assert math.isclose(standardizer.log_abs_det().item(), expected, rel_tol=1e-12)
 
 
 def test_state_dict_round_trips_through_torch_save(tmp_path):
@@ -246,3 +247,24 @@ def test_standardizer_errors():
         Standardizer(torch.zeros(2), torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match=r"NaN or infinite"):
         Standardizer.fit(torch.tensor([[0.0], [float("nan")]]))
+
+
+def test_csv_with_quoted_fields_and_byte_order_mark(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_bytes('\ufeff"a","b"\n"1.5",2\n3,"4"\n'.encode("utf-8"))
+    assert torch.equal(load_tabular(path), torch.tensor([[1.5, 2.0], [3.0, 4.0]]))
+
+
+def test_csv_with_another_separator_says_commas(tmp_path):
+    path = _write_csv(tmp_path / "x.csv", "a;b\n1;2\n3;4\n")
+    with pytest.raises(ValueError, match=r"line 2 holds '1;2'.*separated by commas"):
+        load_tabular(path)
+
+
+def test_unreadable_files_name_the_path(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"objects\.npy: could not be read as a NumPy \.npy file"):
+        load_tabular(tmp_path / "objects.npy")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"junk\.pt: could not be read as a tensor saved with torch.save"):
+        load_tabular(tmp_path / "junk.pt")

@@ -151,7 +151,8 @@ def load_data(
         >>> data = load_data("moons", size=1000, seed=1)
         >>> data
         DataSplits(name='two_moons', kind='toy', train=1000, valid=125, test=125, event_shape=(2,))
-        >>> load_data("digits").train.shape, load_data("digits").num_bins
+        >>> images = load_data("digits")
+        >>> images.train.shape, images.num_bins
         (torch.Size([1294, 1, 8, 8]), 17)
     """
     if isinstance(seed, bool) or not isinstance(seed, int):

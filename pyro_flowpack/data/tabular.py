@@ -212,11 +212,8 @@ def load_tabular(path: str | os.PathLike[str], *, key: str | None = None) -> Ten
         raise FileNotFoundError(f"tabular data: no such file: {path}")
     if key is not None and suffix not in (".npz", ".pt"):
         raise ValueError(f"{path}: key={key!r} applies only to .npz and .pt files, not to {suffix}")
-    if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            array = archive[_pick(path, "array", list(archive.files), key)]
+    if suffix in (".npy", ".npz"):
+        array = _read_numpy(path, key)
     elif suffix == ".csv":
         array = _read_csv(path)
     else:
@@ -236,6 +233,19 @@ def _pick(path: Path, what: str, keys: list[str], key: str | None) -> str:
     return keys[0]
 
 
+def _read_numpy(path: Path, key: str | None) -> np.ndarray:
+    try:
+        content = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: could not be read as a NumPy {path.suffix} file (pickled objects are refused): {error}"
+        ) from error
+    if isinstance(content, np.ndarray):
+        return content
+    with content:
+        return content[_pick(path, "array", list(content.files), key)]
+
+
 def _read_pt(path: Path, key: str | None) -> Tensor:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
@@ -245,10 +255,10 @@ def _read_pt(path: Path, key: str | None) -> Tensor:
             f"(only tensors and dicts of tensors are loaded): {error}"
         ) from error
     if isinstance(content, dict):
-        tensors = [name for name, value in content.items() if isinstance(value, Tensor)]
+        tensors = {str(name): value for name, value in content.items() if isinstance(value, Tensor)}
         if key is not None and key in content and not isinstance(content[key], Tensor):
             raise ValueError(f"{path}: {key!r} holds a {type(content[key]).__name__}, not a tensor")
-        content = content[_pick(path, "tensor", [str(name) for name in tensors], key)]
+        content = tensors[_pick(path, "tensor", list(tensors), key)]
     elif key is not None:
         raise ValueError(f"{path}: key={key!r} given, but the file holds a {type(content).__name__}, not a dict")
     if not isinstance(content, Tensor):
@@ -267,13 +277,21 @@ def _is_number(field: str) -> bool:
 def _read_csv(path: Path) -> np.ndarray:
     """Parses the CSV with NumPy's fast reader; if that fails, walks the file to report the
     first field that is not a number (or the first row with the wrong number of fields)."""
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8-sig") as file:
         first = next((row for row in csv.reader(file) if row), None)
     if first is None:
         raise ValueError(f"{path}: the CSV file is empty")
     header = None if any(_is_number(field) for field in first) else [field.strip() for field in first]
     try:
-        return np.loadtxt(path, delimiter=",", skiprows=int(header is not None), ndmin=2, dtype=np.float64)
+        return np.loadtxt(
+            path,
+            delimiter=",",
+            quotechar='"',
+            skiprows=int(header is not None),
+            ndmin=2,
+            dtype=np.float64,
+            encoding="utf-8-sig",
+        )
     except ValueError as error:
         _diagnose_csv(path, header, len(first))
         raise ValueError(f"{path}: could not be read as comma-separated numbers: {error}") from error
@@ -281,7 +299,7 @@ def _read_csv(path: Path) -> np.ndarray:
 
 def _diagnose_csv(path: Path, header: list[str] | None, width: int) -> None:
     """Raises a ValueError naming the first bad line and field of the CSV file."""
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8-sig") as file:
         reader = csv.reader(file)
         if header is not None:
             next(reader)
@@ -296,6 +314,8 @@ def _diagnose_csv(path: Path, header: list[str] | None, width: int) -> None:
                     name = f"{header[column]!r} (column {column + 1})" if header else f"{column + 1}"
                     value = "an empty field" if not field.strip() else f"{field!r}"
                     note = "" if header else " (a header line would have no numeric field)"
+                    if any(separator in field.strip() for separator in ";\t "):
+                        note += " (fields must be separated by commas)"
                     raise ValueError(
                         f"{path}: column {name} is not numeric: line {line} holds {value}{note}; "
                         "every field must be a number"
@@ -325,7 +345,9 @@ def _checked(path: Path, array: np.ndarray | Tensor) -> Tensor:
         )
     rows, columns = tensor.shape
     if rows < 2 or columns < 1:
-        raise ValueError(f"{path}: expected at least 2 samples (rows) and 1 feature (column), got shape {(rows, columns)}")
+        raise ValueError(
+            f"{path}: expected at least 2 samples (rows) and 1 feature (column), got shape {(rows, columns)}"
+        )
     tensor = tensor.to(torch.float32)
     bad = ~torch.isfinite(tensor)
     count = int(bad.sum())
