@@ -123,9 +123,12 @@ def loss_curve(
         >>> loss_curve(records, path).read_bytes()[:4]
         b'\x89PNG'
     """
-    if isinstance(records, Mapping) or not all(isinstance(r, Mapping) for r in records):
-        raise ValueError("loss_curve: records must be a list of dicts (the metrics log), "
-                         f"got {type(records).__name__}")
+    if isinstance(records, Mapping):
+        raise ValueError("loss_curve: records must be a list of dicts (the metrics log), got one dict")
+    records = list(records)
+    for record in records:
+        if not isinstance(record, Mapping):
+            raise ValueError(f"loss_curve: each record must be a dict, got {type(record).__name__}")
     train = _series(records, "train_loss")
     valid = _series(records, "valid_loss")
     figure = _figure(6.4, 4.0)

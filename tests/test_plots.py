@@ -213,3 +213,10 @@ def test_importing_plots_does_not_import_matplotlib():
 def test_plots_leave_pyplot_alone(tmp_path):
     plots.loss_curve(loss_records(), tmp_path / "loss.png")
     assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+def test_loss_curve_rejects_records_that_are_not_dicts(tmp_path):
+    with pytest.raises(ValueError, match="each record must be a dict, got float"):
+        plots.loss_curve([1.0, 2.0], tmp_path / "loss.png")
+    with pytest.raises(ValueError, match="got one dict"):
+        plots.loss_curve({"step": 0, "train_loss": 1.0}, tmp_path / "loss.png")
