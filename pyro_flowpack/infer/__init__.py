@@ -1,10 +1,12 @@
 r"""Inference and evaluation with flows: bits per dimension and importance-weighted
 log-likelihoods."""
 
+from .amortized import AmortizedFlow
 from .guides import GUIDE_FLOWS, AutoFlowGuide, guide_flow
 from .metrics import bits_per_dim, iw_log_prob
 
 __all__ = [
+    "AmortizedFlow",
     "AutoFlowGuide",
     "guide_flow",
     "GUIDE_FLOWS",
