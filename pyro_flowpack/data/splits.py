@@ -10,7 +10,8 @@ r"""One entry point to every data set: train, validation and test splits by name
   shuffled with ``seed``, split, and standardised with the train split's statistics.
 
 Names are matched without regard to case, and ``-`` counts as ``_`` (``Fashion-MNIST``
-is ``fashion_mnist``). Every split is deterministic in ``seed``, and the global random
+is ``fashion_mnist``); a known name wins over a file of the same name in the working
+directory (write ``./digits`` for the file). Every split is deterministic in ``seed``, and the global random
 state is neither read nor changed.
 """
 
