@@ -439,7 +439,7 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         objective = DistributedDataParallel(
-            objective, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=True
+            objective, device_ids=[device] if device.type == "cuda" else None
         )
 
     def save(*names: str) -> None:

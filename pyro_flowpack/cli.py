@@ -1,0 +1,551 @@
+r"""The ``flowpack`` command: train, evaluate and sample normalizing flows.
+
+``flowpack train --data moons --out runs/moons`` trains the default neural spline flow on
+a toy set and writes a run folder; ``flowpack evaluate runs/moons`` prints its test
+negative log-likelihood; ``flowpack sample runs/moons -n 1000`` writes samples and their
+picture. ``python -m pyro_flowpack`` is the same command. See ``flowpack COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "flowpack"
+
+# Defaults of `flowpack train`; image data changes a few (see _defaults_for).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "flow": None,  # nsf for vectors, glow for images
+    "epochs": 30,
+    "batch_size": None,  # 256 for vectors, 128 for images
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "schedule": "cosine",
+    "warmup": 0,
+    "clip": 1.0,
+    "patience": None,
+    "max_steps": None,
+    "seed": 0,
+    "device": "auto",
+    "threads": None,
+    "transforms": 4,
+    "hidden": [128, 128],
+    "bins": 8,
+    "levels": 2,
+    "depth": 4,
+    "hidden_channels": 64,
+    "coupling": "spline",
+    "dequantization": "variational",
+    "root": None,
+    "download": False,
+    "size": None,
+    "valid_fraction": 0.1,
+    "test_fraction": 0.1,
+    "key": None,
+    "checkpoint_every": None,
+    "progress": True,
+    "k": None,  # importance samples for the final image evaluation: 64 for digits, 8 otherwise
+    "temperature": 0.7,
+}
+
+# Settings a resumed run may change: how long it runs and where, not what it computes.
+RESUMABLE = {"epochs", "max_steps", "device", "threads", "progress", "patience", "checkpoint_every", "k",
+             "temperature", "root", "download"}
+
+EXAMPLES = """\
+examples:
+  flowpack train --data moons --out runs/moons
+  flowpack train --data checkerboard --flow nsf --transforms 6 --epochs 50 --out runs/checker
+  flowpack train --data table.csv --flow maf --hidden 256 256 --out runs/table
+  flowpack train --data digits --out runs/digits                  # Glow, variational dequantization
+  flowpack train --data mnist --root ~/data --download --epochs 10 --out runs/mnist
+  flowpack train --resume --out runs/moons --epochs 60            # continue (and extend) a run
+  torchrun --nproc_per_node=4 -m pyro_flowpack train --data mnist --root ~/data --out runs/mnist
+  flowpack evaluate runs/moons
+  flowpack sample runs/digits -n 64 --temperature 0.7 -o runs/digits/grid.npy
+"""
+
+
+class CommandError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``flowpack`` command."""
+    from .data import DATA_NAMES
+    from .train.run import IMAGE_FLOWS, VECTOR_FLOWS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train, evaluate and sample normalizing flows with exact likelihoods (pyro-flowpack).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    s = argparse.SUPPRESS  # train options keep "not given" apart from their defaults (for --resume)
+
+    train = commands.add_parser(
+        "train",
+        help="train a flow by maximum likelihood and write a run folder",
+        description=textwrap.dedent("""\
+            Trains a flow by exact maximum likelihood (images: the dequantization bound) and writes
+            the run folder OUT: config.json, checkpoints/{best,last}.pt, metrics.jsonl (one JSON record
+            per line), summary.json (test metrics), loss.png and a picture of the model (density.png
+            for 2-D data, samples.png for images or higher-dimensional data).
+            Losses are in nats per example, or bits per dimension for images.
+            Defaults are shown in brackets."""),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=s,
+    )
+    what = train.add_argument_group("data and model")
+    what.add_argument("--data", metavar="NAME|PATH",
+                      help=f"a data set ({', '.join(DATA_NAMES)}) or a .npy/.npz/.csv/.pt file of "
+                           "shape (N, D) [required unless --resume]")
+    what.add_argument("--flow", help=f"vectors: {', '.join(VECTOR_FLOWS)} [nsf]; images: "
+                                     f"{', '.join(IMAGE_FLOWS)} [glow]")
+    what.add_argument("--out", type=Path, metavar="RUN_DIR", required=True, help="the run folder to write")
+    what.add_argument("--resume", action="store_true", default=False,
+                      help="continue the run in --out with its saved settings; --epochs / --max-steps may extend it")
+    vector = train.add_argument_group("vector flows")
+    vector.add_argument("--transforms", type=_positive_int, help="number of layers [4]")
+    vector.add_argument("--hidden", type=_positive_int, nargs="+", metavar="H",
+                        help="hidden sizes of each layer's network [128 128]")
+    vector.add_argument("--bins", type=_positive_int, help="spline bins (nsf, nsf-ar, glow with splines) [8]")
+    image = train.add_argument_group("image flows")
+    image.add_argument("--levels", type=_positive_int, help="multi-scale levels [2]")
+    image.add_argument("--depth", type=_positive_int, help="coupling steps per level [4]")
+    image.add_argument("--hidden-channels", type=_positive_int, help="channels of the coupling networks [64]")
+    image.add_argument("--coupling", choices=["spline", "affine"], help="Glow's couplings [spline]")
+    image.add_argument("--dequantization", choices=["variational", "uniform"], help="[variational]")
+    image.add_argument("--root", type=Path, help="folder of the torchvision data sets (mnist, fashion_mnist, cifar10)")
+    image.add_argument("--download", action="store_true", help="download a torchvision data set into --root")
+    image.add_argument("--k", type=_positive_int,
+                       help="importance samples for the final test bits/dim [64 for digits, 8 otherwise]")
+    image.add_argument("--temperature", type=_positive_float, help="temperature of the sample picture [0.7]")
+    opt = train.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=_positive_int, help="passes over the training split [30]")
+    opt.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
+    opt.add_argument("--batch-size", type=_positive_int, help="examples per step [256; images 128]")
+    opt.add_argument("--lr", type=_positive_float, help="Adam's learning rate [1e-3]")
+    opt.add_argument("--weight-decay", type=_non_negative_float, help="[0]")
+    opt.add_argument("--schedule", choices=["cosine", "constant"], help="learning-rate schedule [cosine]")
+    opt.add_argument("--warmup", type=_non_negative_int, help="steps of linear warm-up [0]")
+    opt.add_argument("--clip", type=_positive_float, help="maximum gradient norm [1.0]")
+    opt.add_argument("--patience", type=_positive_int, help="stop after this many epochs without a better "
+                                                             "validation loss [never]")
+    opt.add_argument("--seed", type=int, help="seed of the data split, initialisation and order [0]")
+    opt.add_argument("--size", type=_positive_int, help="toy sets: training points [20000]; others: "
+                                                         "at most this many training examples")
+    opt.add_argument("--valid-fraction", type=_fraction, help="[0.1]")
+    opt.add_argument("--test-fraction", type=_fraction, help="toy and tabular data [0.1]")
+    opt.add_argument("--key", help="the array of an .npz file or the tensor of a .pt dict")
+    run = train.add_argument_group("running")
+    run.add_argument("--device", help="cpu, cuda, cuda:K or auto [auto]")
+    run.add_argument("--threads", type=_positive_int, help="torch threads [torch's default]")
+    run.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints within an epoch "
+                                                                     "[end of each epoch only]")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="print the test negative log-likelihood of a run",
+        description="Prints the negative log-likelihood of a run on a split of its data: nats per example "
+                    "(tabular data: also in the units of the file), or for images the bits per dimension of "
+                    "the dequantization bound and of the importance-weighted estimate.",
+    )
+    evaluate.add_argument("run", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best", help="[best]")
+    evaluate.add_argument("--split", choices=["test", "valid", "train"], default="test", help="[test]")
+    evaluate.add_argument("--k", type=_positive_int, help="importance samples for images [the run's]")
+    evaluate.add_argument("--root", type=Path, help="folder of the torchvision data sets, if it moved")
+    evaluate.add_argument("--device", default="cpu", help="[cpu]")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw samples from a run",
+        description="Draws samples from a trained run and writes them (.npy or .pt, by the suffix of -o) "
+                    "with a picture beside them (same name, .png): a grid for images, a scatter plot otherwise. "
+                    "Tabular samples are in the units of the data file.",
+    )
+    sample.add_argument("run", type=Path, metavar="RUN_DIR")
+    sample.add_argument("-n", "--num-samples", type=_positive_int, default=64, help="[64]")
+    sample.add_argument("--temperature", type=_positive_float, default=1.0, help="scale of the base noise [1.0]")
+    sample.add_argument("-o", "--output", type=Path, help="file to write, .npy or .pt [RUN_DIR/samples.npy]")
+    sample.add_argument("--checkpoint", choices=["best", "last"], default="best", help="[best]")
+    sample.add_argument("--seed", type=int, default=0, help="[0]")
+    sample.add_argument("--device", default="cpu", help="[cpu]")
+    return parser
+
+
+def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in ("root", "download", "seed", "size", "valid_fraction", "test_fraction", "key")}
+
+
+def _load_data(spec: str, options: dict[str, Any]):
+    from .data import load_data
+
+    options = dict(options)
+    if options.get("root") is not None:
+        options["root"] = str(options["root"])
+    try:
+        return load_data(spec, **options)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _flow_options(settings: dict[str, Any], kind: str) -> dict[str, Any]:
+    if kind == "image":
+        keys = ("levels", "depth", "hidden_channels", "coupling", "dequantization", "bins")
+    else:
+        keys = ("transforms", "hidden", "bins")
+    return {k: settings[k] for k in keys}
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import NonFiniteLossError, TrainConfig, fit, load_checkpoint, write_atomically
+    from .train.distributed import setup
+    from .train.run import build_flow
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
+    out: Path = args.out
+    config_path = out / "config.json"
+    if args.resume:
+        last = out / "checkpoints" / "last.pt"
+        if not last.exists():
+            raise CommandError(f"nothing to resume in {out}: {last} does not exist")
+        saved = load_checkpoint(last)["metadata"]["settings"]
+        changed = [k for k, v in given.items() if k not in RESUMABLE and _jsonable({k: v})[k] != saved.get(k)]
+        if changed:
+            raise CommandError(
+                "a resumed run keeps its settings; cannot change "
+                + ", ".join(f"--{k.replace('_', '-')} (run: {saved.get(k)!r}, given: {given[k]!r})" for k in changed)
+            )
+        settings = {**saved, **given}
+    else:
+        if "data" not in given:
+            raise CommandError("--data is required (a data set name or a file); see flowpack train --help")
+        if (out / "checkpoints" / "last.pt").exists():
+            raise CommandError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+        settings = {**TRAIN_DEFAULTS, **given}
+    settings = _jsonable(settings)
+
+    data = _load_data(settings["data"], _data_options(settings))
+    image = data.kind == "image"
+    if settings["flow"] is None:
+        settings["flow"] = "glow" if image else "nsf"
+    if settings["batch_size"] is None:
+        settings["batch_size"] = 128 if image else 256
+    if settings["k"] is None:
+        settings["k"] = 64 if data.name == "digits" else 8
+    if len(data.train) == 0:
+        raise CommandError(f"the training split of {data.name} is empty")
+    flow_options = _flow_options(settings, data.kind)
+    torch.manual_seed(settings["seed"])
+    try:
+        flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins, **flow_options)
+        config = TrainConfig(
+            epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+            weight_decay=settings["weight_decay"], schedule=settings["schedule"], warmup=settings["warmup"],
+            clip=settings["clip"], patience=settings["patience"], max_steps=settings["max_steps"],
+            seed=settings["seed"], device=settings["device"], threads=settings["threads"],
+            checkpoint_every=settings["checkpoint_every"], progress=settings["progress"],
+            unit="bits/dim" if image else "nats",
+        )
+        distributed = setup(config.device)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    metadata = {
+        "settings": settings,
+        "flow": {"name": settings["flow"], "options": flow_options},
+        "event_shape": list(data.event_shape),
+        "num_bins": data.num_bins,
+        "kind": data.kind,
+        "data": {"spec": settings["data"], **_data_options(settings)},
+        "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
+    }
+    if distributed.main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"settings": settings, "train_config": config.to_dict()}, indent=2) + "\n"
+        write_atomically(config_path, lambda p: p.write_text(text))
+        parameters = sum(p.numel() for p in flow.parameters())
+        print(f"{PROG}: training {settings['flow']} ({parameters} parameters) on {data.name} "
+              f"({len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test, event shape "
+              f"{tuple(data.event_shape)}) on {distributed.device} x{distributed.world_size}, "
+              f"{torch.get_num_threads()} threads; run folder {out}", flush=True)
+    valid = data.valid if len(data.valid) else None
+    try:
+        result = fit(flow, data.train, valid, config, out=out, resume=args.resume, metadata=metadata)
+    except NonFiniteLossError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if distributed.main:
+            print(f"\n{PROG}: interrupted; continue with: {PROG} train --resume --out {out}", file=sys.stderr)
+        return 130
+
+    # The final model is the best on validation data (the last one without).
+    best = out / "checkpoints" / ("best.pt" if valid is not None else "last.pt")
+    if distributed.main:
+        flow.load_state_dict(load_checkpoint(best, map_location=distributed.device)["model"])
+    if distributed.enabled:  # every process evaluates its share with rank 0's parameters
+        for tensor in flow.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    summary = _evaluate_flow(flow, data, "test", settings["k"], distributed, iw=distributed.main)
+    if distributed.main:
+        summary.update({"steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
+                        "best_epoch": result.best_epoch, "best_valid": result.best_valid,
+                        "nonfinite_steps": result.nonfinite_steps, "train_time_s": round(result.train_time, 2),
+                        "checkpoint": str(best)})
+        pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"])
+        summary["pictures"] = [str(p) for p in pictures]
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomically(out / "summary.json", lambda p: p.write_text(text))
+        print(_summary_text(summary), flush=True)
+        print(f"{PROG}: wrote " + ", ".join(summary["pictures"] + [str(out / "summary.json")]), flush=True)
+    if distributed.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = True) -> dict[str, Any]:
+    """Test metrics of ``flow`` on ``data``'s ``split`` (and the IW estimate for images)."""
+    import torch
+
+    from .infer import bits_per_dim, iw_log_prob
+    from .train import evaluate_nll
+
+    x = getattr(data, split)
+    if len(x) == 0:
+        raise CommandError(f"the {split} split of {data.name} is empty")
+    nll = evaluate_nll(flow, x, 1024, distributed)
+    summary: dict[str, Any] = {"data": data.name, "split": split, "examples": len(x)}
+    if data.kind == "image":
+        dims = data.event_shape.numel()
+        summary.update({"unit": "bits/dim", "nll_bound_nats": nll, "bpd_bound": nll / (dims * math.log(2))})
+        if iw:
+            flow.eval()
+            device = next(flow.parameters()).device
+            with torch.no_grad():
+                d = flow()
+                estimates = [iw_log_prob(d, batch.to(device), k=k, chunk=max(1, 1024 // len(batch)))
+                             for batch in x.split(max(1, 4096 // k))]
+            summary.update({"k": k, "bpd_iw": bits_per_dim(torch.cat(estimates), data.event_shape).mean().item()})
+    else:
+        summary.update({"unit": "nats", "nll": nll})
+        if data.standardizer is not None:
+            summary["nll_data_units"] = nll + data.standardizer.log_abs_det().item()
+    return summary
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    where = f"{summary['split']} split of {summary['data']} ({summary['examples']} examples)"
+    if summary["unit"] == "bits/dim":
+        text = f"{PROG}: {where}: {summary['bpd_bound']:.4f} bits/dim (bound)"
+        if "bpd_iw" in summary:
+            text += f", {summary['bpd_iw']:.4f} bits/dim (importance-weighted, k={summary['k']})"
+        return text
+    text = f"{PROG}: {where}: NLL {summary['nll']:.4f} nats"
+    if "nll_data_units" in summary:
+        text += f" (standardised); {summary['nll_data_units']:.4f} nats in the units of the file"
+    return text
+
+
+def _pictures(flow, data, out: Path, temperature: float, unit: str) -> list[Path]:
+    """Loss curve and a picture of the model in the run folder."""
+    import torch
+
+    from . import plots
+
+    records = []
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    paths = [plots.loss_curve(records, out / "loss.png", unit=unit)]
+    flow.eval()
+    with torch.no_grad():
+        if data.kind == "image":
+            samples = flow().sample((64,), temperature=temperature)
+            paths.append(plots.image_grid(samples.cpu(), out / "samples.png", num_bins=data.num_bins))
+        elif data.event_shape[0] == 2:
+            paths.append(plots.density_2d(_data_units_log_prob(flow, data), _to_data_units(data.test, data),
+                                          out / "density.png", samples=_to_data_units(
+                                              flow().sample((len(data.test),)).cpu(), data)))
+        else:
+            samples = _to_data_units(flow().sample((min(len(data.test), 2000),)).cpu(), data)
+            paths.append(plots.scatter(samples, out / "samples.png", data=_to_data_units(data.test[:2000], data)))
+    return paths
+
+
+def _to_data_units(x, data):
+    return data.standardizer.inverse(x) if data.standardizer is not None else x
+
+
+def _data_units_log_prob(flow, data):
+    """``log p(x)`` in the units of the data file (the standardised flow's density, moved)."""
+    device = next(flow.parameters()).device
+    if data.standardizer is None:
+        return lambda x: flow().log_prob(x.to(device)).cpu()
+    s = data.standardizer
+    return lambda x: (flow().log_prob(s.transform(x).to(device)).cpu() - s.log_abs_det())
+
+
+def _load(run_dir: Path, which: str, device: str):
+    from .train.run import load_run
+
+    try:
+        return load_run(run_dir, which, map_location=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _standardizer(run):
+    from .data import Standardizer
+
+    state = run.metadata.get("standardizer")
+    return Standardizer.from_state_dict(state) if state is not None else None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    run = _load(args.run, args.checkpoint, args.device)
+    settings = run.metadata["settings"]
+    options = _data_options(settings)
+    if args.root is not None:
+        options["root"] = str(args.root)
+    data = _load_data(settings["data"], options)
+    data.standardizer = _standardizer(run) or data.standardizer
+    torch.manual_seed(0)
+    summary = _evaluate_flow(run.flow, data, args.split, args.k or settings["k"])
+    summary["checkpoint"] = str(run.path)
+    print(json.dumps(summary) if args.json else _summary_text(summary))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import plots
+    from .train import write_atomically
+
+    run = _load(args.run, args.checkpoint, args.device)
+    output = args.output or args.run / "samples.npy"
+    if output.suffix not in (".npy", ".pt"):
+        raise CommandError(f"-o/--output must end in .npy or .pt, got {output}")
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        samples = run.flow().sample((args.num_samples,), temperature=args.temperature).cpu()
+    standardizer = _standardizer(run)
+    if standardizer is not None:
+        samples = standardizer.inverse(samples)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".pt":
+        write_atomically(output, lambda p: torch.save(samples, p))
+    else:
+        import numpy
+
+        def save(path: Path) -> None:
+            with open(path, "wb") as file:  # numpy.save(path) would add a second .npy suffix
+                numpy.save(file, samples.numpy())
+
+        write_atomically(output, save)
+    picture = output.with_suffix(".png")
+    if samples.dim() == 4:
+        plots.image_grid(samples, picture, num_bins=run.metadata["num_bins"])
+    else:
+        plots.scatter(samples, picture)
+    print(f"{PROG}: wrote {args.num_samples} samples of shape {tuple(samples.shape[1:])} to {output} and {picture}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    r"""Runs the ``flowpack`` command with ``argv`` (``sys.argv[1:]`` if ``None``); returns
+    the exit status: 0 on success, 2 for bad arguments or data (with a one-line message),
+    1 when training stops on non-finite losses, 130 when interrupted.
+
+    Example:
+        >>> main(["evaluate", "/no/such/run"])
+        2
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"train": _train, "evaluate": _evaluate, "sample": _sample}
+    try:
+        return commands[args.command](args)
+    except CommandError as error:  # bad arguments or data, found before any training
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,130 @@
+r"""Runs by name: the flows the ``flowpack`` command can build, and reloading a run folder.
+
+A run folder (written by ``flowpack train`` or by :func:`~pyro_flowpack.train.fit` with
+``metadata=run_metadata(...)``) holds its checkpoints, and each checkpoint holds the name
+and options of its flow, so :func:`load_run` rebuilds the trained flow from the folder
+alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..flow import Flow
+from ..flows import IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
+from .checkpoint import load_checkpoint
+from .loop import RUN_FILES
+
+__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run"]
+
+#: Flows for vectors ``(D,)``: name -> builder(features, transforms, hidden, bins).
+VECTOR_FLOWS: dict[str, Callable[..., Flow]] = {
+    "nsf": lambda features, transforms, hidden, bins: NSF(features, transforms=transforms, hidden=hidden, bins=bins),
+    "nsf-ar": lambda features, transforms, hidden, bins: NSF(
+        features, transforms=transforms, hidden=hidden, bins=bins, autoregressive=True
+    ),
+    "maf": lambda features, transforms, hidden, bins: MAF(features, transforms=transforms, hidden=hidden),
+    "iaf": lambda features, transforms, hidden, bins: IAF(features, transforms=transforms, hidden=hidden),
+    "realnvp": lambda features, transforms, hidden, bins: RealNVP(features, transforms=transforms, hidden=hidden),
+    "nice": lambda features, transforms, hidden, bins: NICE(features, transforms=transforms, hidden=hidden),
+}
+
+#: Multi-scale flows for images ``(C, H, W)``, each ending in a dequantization layer.
+IMAGE_FLOWS: dict[str, Callable[..., Flow]] = {"glow": Glow, "realnvp": MultiscaleRealNVP}
+
+
+def build_flow(
+    name: str,
+    event_shape: Sequence[int],
+    *,
+    num_bins: int | None = None,
+    transforms: int = 4,
+    hidden: Sequence[int] = (128, 128),
+    bins: int = 8,
+    levels: int = 2,
+    depth: int = 4,
+    hidden_channels: int = 64,
+    coupling: str = "spline",
+    dequantization: str = "variational",
+) -> Flow:
+    r"""Builds the flow ``name`` for events of ``event_shape``.
+
+    Vector flows (:data:`VECTOR_FLOWS`) use ``transforms``, ``hidden`` and (splines)
+    ``bins``; image flows (:data:`IMAGE_FLOWS`, for ``(C, H, W)`` events with
+    ``num_bins`` levels) use ``levels``, ``depth`` (steps per level),
+    ``hidden_channels``, ``dequantization``, ``coupling`` (Glow) and ``bins``.
+
+    Example:
+        >>> build_flow("nsf", (2,), transforms=2, hidden=(16,)).event_shape
+        torch.Size([2])
+        >>> build_flow("glow", (1, 8, 8), num_bins=17, depth=1, hidden_channels=8).event_shape
+        torch.Size([1, 8, 8])
+    """
+    shape = tuple(int(s) for s in event_shape)
+    if len(shape) == 1:
+        if name not in VECTOR_FLOWS:
+            raise ValueError(f"unknown flow {name!r} for vectors; choose one of {', '.join(VECTOR_FLOWS)}")
+        return VECTOR_FLOWS[name](shape[0], transforms, tuple(hidden), bins)
+    if len(shape) == 3:
+        if name not in IMAGE_FLOWS:
+            raise ValueError(f"unknown flow {name!r} for images; choose one of {', '.join(IMAGE_FLOWS)}")
+        if num_bins is None:
+            raise ValueError("image flows need num_bins, the number of levels of a pixel")
+        options: dict[str, Any] = {"coupling": coupling, "bins": bins} if name == "glow" else {}
+        return IMAGE_FLOWS[name](shape, levels=levels, steps=depth, hidden_channels=hidden_channels,
+                                 dequantization=dequantization, num_bins=num_bins, **options)
+    raise ValueError(f"flows are built for vectors (D,) or images (C, H, W), got event shape {shape}")
+
+
+@dataclass
+class Run:
+    r"""A trained run reloaded from its folder.
+
+    Attributes:
+        flow: The flow, with the checkpoint's parameters, in eval mode.
+        checkpoint: The checkpoint's content (``state``, ``config``, ``metadata``, ...).
+        path: The checkpoint file.
+    """
+
+    flow: Flow
+    checkpoint: dict[str, Any]
+    path: Path
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the run saved to rebuild itself: ``flow``, ``data``, ``event_shape``, ..."""
+        return self.checkpoint["metadata"]
+
+
+def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any = "cpu") -> Run:
+    r"""Reloads the flow of a run folder from its ``best`` or ``last`` checkpoint.
+
+    The checkpoint's ``metadata`` must hold ``flow`` (``{"name": ..., "options": ...}``),
+    ``event_shape`` and, for images, ``num_bins``, as ``flowpack train`` writes them.
+
+    Raises:
+        FileNotFoundError: If the folder or the checkpoint is missing.
+        ValueError: If the checkpoint does not say how to rebuild its flow.
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    folder = Path(run)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no run folder at {folder}")
+    path = folder / RUN_FILES[which]
+    if which == "best" and not path.exists():
+        path = folder / RUN_FILES["last"]  # a run without validation data has no best
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    metadata = checkpoint.get("metadata") or {}
+    if "flow" not in metadata or "event_shape" not in metadata:
+        raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
+    flow = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
+                      **metadata["flow"].get("options", {}))
+    flow.load_state_dict(checkpoint["model"])
+    flow.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+    return Run(flow, checkpoint, path)
