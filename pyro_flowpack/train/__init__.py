@@ -4,6 +4,7 @@ data-parallel training under ``torchrun``."""
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
 from .distributed import Distributed, setup, shard
 from .loop import RUN_FILES, NonFiniteLossError, StepInfo, TrainConfig, TrainResult, evaluate_nll, fit
+from .run import IMAGE_FLOWS, VECTOR_FLOWS, Run, build_flow, load_run
 
 __all__ = [
     "fit",
@@ -13,6 +14,11 @@ __all__ = [
     "StepInfo",
     "NonFiniteLossError",
     "RUN_FILES",
+    "build_flow",
+    "load_run",
+    "Run",
+    "VECTOR_FLOWS",
+    "IMAGE_FLOWS",
     "write_atomically",
     "save_checkpoint",
     "load_checkpoint",
