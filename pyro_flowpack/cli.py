@@ -78,6 +78,13 @@ class CommandError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -133,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DATA_NAMES
     from .train.run import IMAGE_FLOWS, VECTOR_FLOWS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Train, evaluate and sample normalizing flows with exact likelihoods (pyro-flowpack).",
         epilog=EXAMPLES,
