@@ -125,6 +125,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    import torch
+
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:K or auto, got {text!r}") from None
+    return text
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -206,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--test-fraction", type=_fraction, help="toy and tabular data [0.1]")
     opt.add_argument("--key", help="the array of an .npz file or the tensor of a .pt dict")
     run = train.add_argument_group("running")
-    run.add_argument("--device", help="cpu, cuda, cuda:K or auto [auto]")
+    run.add_argument("--device", type=_device, help="cpu, cuda, cuda:K or auto [auto]")
     run.add_argument("--threads", type=_positive_int, help="torch threads [torch's default]")
     run.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints within an epoch "
                                                                      "[end of each epoch only]")
@@ -224,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "valid", "train"], default="test", help="[test]")
     evaluate.add_argument("--k", type=_positive_int, help="importance samples for images [the run's]")
     evaluate.add_argument("--root", type=Path, help="folder of the torchvision data sets, if it moved")
-    evaluate.add_argument("--device", default="cpu", help="[cpu]")
+    evaluate.add_argument("--device", type=_device, default="cpu", help="[cpu]")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     sample = commands.add_parser(
@@ -240,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--output", type=Path, help="file to write, .npy or .pt [RUN_DIR/samples.npy]")
     sample.add_argument("--checkpoint", choices=["best", "last"], default="best", help="[best]")
     sample.add_argument("--seed", type=int, default=0, help="[0]")
-    sample.add_argument("--device", default="cpu", help="[cpu]")
+    sample.add_argument("--device", type=_device, default="cpu", help="[cpu]")
     return parser
 
 
@@ -286,7 +297,11 @@ def _train(args: argparse.Namespace) -> int:
         last = out / "checkpoints" / "last.pt"
         if not last.exists():
             raise CommandError(f"nothing to resume in {out}: {last} does not exist")
-        saved = load_checkpoint(last)["metadata"]["settings"]
+        try:
+            saved = load_checkpoint(last)["metadata"]["settings"]
+        except (ValueError, KeyError, TypeError) as error:
+            message = str(error) if isinstance(error, ValueError) else "it was not written by flowpack train"
+            raise CommandError(f"cannot resume {out}: {message}") from None
         changed = [k for k, v in given.items() if k not in RESUMABLE and _jsonable({k: v})[k] != saved.get(k)]
         if changed:
             raise CommandError(
@@ -467,8 +482,14 @@ def _data_units_log_prob(flow, data):
 
 
 def _load(run_dir: Path, which: str, device: str):
+    import torch
+
     from .train.run import load_run
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"device {device} was asked for, but CUDA is not available here")
     try:
         return load_run(run_dir, which, map_location=device)
     except (FileNotFoundError, ValueError) as error:
