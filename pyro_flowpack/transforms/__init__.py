@@ -9,6 +9,7 @@ from .linear import InvertibleConv1x1, LULinear, Permute, Reverse
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 from .normalization import ActNorm, BatchNorm
 from .reshape import FactorOut, Squeeze
+from .zuko import ZukoTransform
 
 __all__ = [
     "FlowTransform", "Inverse", "Compose", "ConditionedTransform",
@@ -17,4 +18,5 @@ __all__ = [
     "Permute", "Reverse", "LULinear", "InvertibleConv1x1", "ActNorm", "BatchNorm", "Logit", "Scale", "Squeeze", "FactorOut",
     "Dequantization", "UniformDequantization", "VariationalDequantization",
     "MonotoneMap", "Additive", "Affine", "RationalQuadraticSpline",
+    "ZukoTransform",
 ]
