@@ -619,16 +619,18 @@ def settings_dict(args: argparse.Namespace, options: FlowOptions) -> dict[str, A
 
 
 def included_results(paths: Sequence[str], settings: dict[str, Any]) -> list[dict]:
-    """The results of earlier runs, which must have been made with the same settings."""
-    results = []
+    """The results of earlier runs, which must have been made with the same settings; of
+    runs of the same (target, guide, seed) in several files, the first file's is kept."""
+    results: dict[tuple[str, str, int], dict] = {}
     for path in paths:
         with open(path) as f:
             payload = json.load(f)
         theirs = {k: payload["settings"].get(k) for k in settings}
         if theirs != settings:
             raise ValueError(f"--include {path}: expected results made with {settings}, got {theirs}")
-        results += payload["results"]
-    return results
+        for r in payload["results"]:
+            results.setdefault((r["target"], r["guide"], r["seed"]), r)
+    return list(results.values())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -128,8 +128,8 @@ def test_include_merges_earlier_results_without_rerunning_them(tmp_path):
     vi.main([*tiny, "--guides", "AutoNormal", "--json", str(first)])
     earlier = json.loads(first.read_text())["results"][0]
 
-    merged = vi.main([*tiny, "--guides", "AutoNormal", "AutoMultivariateNormal", "--include", str(first)])
-    assert [r["guide"] for r in merged] == ["AutoNormal", "AutoMultivariateNormal"]
+    merged = vi.main([*tiny, "--guides", "AutoNormal", "AutoMultivariateNormal", "--include", str(first), str(first)])
+    assert [r["guide"] for r in merged] == ["AutoNormal", "AutoMultivariateNormal"]  # the duplicate kept once
     assert merged[0] == earlier  # carried over, not run again
 
     with pytest.raises(ValueError, match="same settings|expected results made with"):
