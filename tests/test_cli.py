@@ -264,7 +264,7 @@ def test_resume_after_an_interrupt_ends_with_the_uninterrupted_parameters(tmp_pa
 
 
 def test_kill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, capsys, keep_threads):
-    epochs = 4  # 100 steps per epoch; longer if the run finishes before the kill lands
+    epochs = 2  # 100 steps per epoch; longer if the run finishes before the kill lands
     for attempt in range(4):
         killed = tmp_path / f"killed{attempt}"
         options = ["--data", "moons", "--size", 1000, "--batch-size", 10, "--epochs", epochs, "--transforms", 1,
