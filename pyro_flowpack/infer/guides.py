@@ -182,10 +182,17 @@ class AutoFlowGuide(AutoContinuous):
     Sampling the guide is one forward pass, and scoring its own samples (what
     :class:`~pyro.infer.Trace_ELBO` does) reuses that pass, with no inverse. It works
     with :class:`~pyro.infer.Trace_ELBO` (also with ``vectorize_particles=True``),
-    :class:`~pyro.infer.TraceMeanField_ELBO` (the guide is one joint site, so every
-    KL term is estimated by Monte Carlo) and :class:`~pyro.infer.Predictive`. All
-    latent sites must be continuous; hide discrete ones with ``poutine.block`` and
-    enumerate them, as for Pyro's autoguides.
+    :class:`~pyro.infer.Predictive` and, when every latent site has real support,
+    :class:`~pyro.infer.TraceMeanField_ELBO`. All latent sites must be continuous; hide
+    discrete ones with ``poutine.block`` and enumerate them, as for Pyro's autoguides.
+
+    .. warning::
+        With a constrained latent site (positive, unit interval, simplex, ...),
+        :class:`~pyro.infer.TraceMeanField_ELBO` gives a wrong ELBO, for this guide as
+        for every Pyro :class:`~pyro.infer.autoguide.AutoContinuous` guide: Pyro's
+        :math:`\mathrm{KL}(\delta \,\|\, p)` of each site's ``Delta`` drops the
+        ``Delta``'s ``log_density``, the :math:`\log |\det J_{T_j}|` term above. Use
+        :class:`~pyro.infer.Trace_ELBO` there.
 
     Advice: Adam with a learning rate of about ``1e-2`` to ``3e-3`` and 8 vectorised
     particles; the ELBO of a flow guide keeps improving for thousands of steps.
@@ -249,12 +256,13 @@ class AutoFlowGuide(AutoContinuous):
         return self.flow.transform
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
-        """The flow's distribution over the unconstrained latent vector."""
+        """The flow's distribution over the unconstrained latent vector (the model is run
+        once with ``*args, **kwargs`` first if the guide has not been called yet)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
         return self.flow()
 
     def _posterior_samples(self, *args: Any, **kwargs: Any) -> Tensor:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
         return self.get_posterior(*args, **kwargs).sample((self.quantile_samples,))
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
