@@ -28,8 +28,17 @@ $(BENCH_STAMP): $(STAMP)
 test: venv
 	OMP_NUM_THREADS=$(OMP_NUM_THREADS) OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
+# The main job: Glow with spline couplings and variational dequantization on the offline
+# digits set, through the flowpack command. A second `make demo` resumes the run in
+# demo_output (finishing it if it was interrupted) and prints its results again.
+DEMO_ARGS ?= --data digits --flow glow --epochs 30 --threads 1
+
 demo: venv
-	$(PY) examples/train_2d.py
+	@if [ -f demo_output/checkpoints/last.pt ]; then \
+		OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/flowpack train --resume --out demo_output; \
+	else \
+		OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/flowpack train $(DEMO_ARGS) --out demo_output; \
+	fi
 
 docs: venv
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -340,6 +340,8 @@ def _train(args: argparse.Namespace) -> int:
             unit="bits/dim" if image else "nats",
         )
         distributed = setup(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
     metadata = {
