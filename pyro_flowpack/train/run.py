@@ -1,9 +1,9 @@
 r"""Runs by name: the flows the ``flowpack`` command can build, and reloading a run folder.
 
-A run folder (written by ``flowpack train`` or by :func:`~pyro_flowpack.train.fit` with
-``metadata=run_metadata(...)``) holds its checkpoints, and each checkpoint holds the name
-and options of its flow, so :func:`load_run` rebuilds the trained flow from the folder
-alone.
+A run folder written by ``flowpack train`` (or by :func:`~pyro_flowpack.train.fit` with
+``metadata={"flow": {"name": ..., "options": ...}, "event_shape": ..., "num_bins": ...}``)
+holds its checkpoints, and each checkpoint holds the name and options of its flow, so
+:func:`load_run` rebuilds the trained flow from the folder alone.
 """
 
 from __future__ import annotations
@@ -68,11 +68,15 @@ def build_flow(
     shape = tuple(int(s) for s in event_shape)
     if len(shape) == 1:
         if name not in VECTOR_FLOWS:
-            raise ValueError(f"unknown flow {name!r} for vectors; choose one of {', '.join(VECTOR_FLOWS)}")
+            kind = "an image flow, for (C, H, W) data" if name in IMAGE_FLOWS else "unknown"
+            raise ValueError(f"flow {name!r} is {kind}; for vectors of {shape[0]} features choose one of "
+                             f"{', '.join(VECTOR_FLOWS)}")
         return VECTOR_FLOWS[name](shape[0], transforms, tuple(hidden), bins)
     if len(shape) == 3:
         if name not in IMAGE_FLOWS:
-            raise ValueError(f"unknown flow {name!r} for images; choose one of {', '.join(IMAGE_FLOWS)}")
+            kind = "a vector flow, for (D,) data" if name in VECTOR_FLOWS else "unknown"
+            raise ValueError(f"flow {name!r} is {kind}; for images of shape {shape} choose one of "
+                             f"{', '.join(IMAGE_FLOWS)}")
         if num_bins is None:
             raise ValueError("image flows need num_bins, the number of levels of a pixel")
         options: dict[str, Any] = {"coupling": coupling, "bins": bins} if name == "glow" else {}
