@@ -203,8 +203,9 @@ class AutoFlowGuide(AutoContinuous):
             ``"realnvp"``), a builder class such as :class:`~pyro_flowpack.flows.NSF` or a
             callable ``flow(D)`` returning a :class:`~pyro_flowpack.flow.Flow`; see
             :func:`guide_flow`.
-        init_loc_fn: A per-site initialisation function (Pyro's
-            :ref:`autoguide-initialization`); the guide starts centred there.
+        init_loc_fn: A per-site initialisation function, one of Pyro's
+            ``pyro.infer.autoguide.initialization`` strategies; the guide starts centred
+            there.
         init_scale: The initial scale :math:`\sigma` of every unconstrained dimension.
         quantile_samples: The number of samples behind :meth:`median` and
             :meth:`quantiles`.
