@@ -55,6 +55,7 @@ class Case:
     data: Callable[[torch.Size, torch.dtype], torch.Tensor] = _normal  # draws data-side values
     base_bound: float = 10.0  # the largest |x| on the base side where the layer is defined
     context_shape: tuple[int, ...] = (CONTEXT,)  # the shape of the context when conditional
+    tolerance: float = 0.0  # a floor on the battery's absolute tolerances (numerical inverses)
 
     def __repr__(self) -> str:
         return self.name
@@ -162,6 +163,30 @@ BUILDERS += [
          lambda c: pf.flows.MultiscaleRealNVP(IMAGE, levels=2, steps=1, hidden_channels=8, dequantization=None),
          layer=False, conditional=False, shape=IMAGE),
     Case("FactorOut", _layer(lambda c: FactorOut(IMAGE, ActNorm((1, 4, 4)))), conditional=False, shape=IMAGE),
+]
+
+
+def _zuko(make: Callable[[object, int], object]) -> Callable[[int], pf.Flow]:
+    """A builder from a zuko flow; zuko (``z``, its ``flows`` module) is imported only
+    when a case is built."""
+    return lambda c: pf.flows.from_zuko(make(pf.transforms.zuko.import_zuko().flows, c), c)
+
+
+LAYERS += [
+    Case("ZukoTransform-MAF", _layer(lambda c: pf.transforms.ZukoTransform(
+        pf.transforms.zuko.import_zuko().flows.MaskedAutoregressiveTransform(FEATURES, c, hidden_features=HIDDEN),
+        FEATURES, c))),
+]
+
+BUILDERS += [
+    Case("from_zuko-NSF", _zuko(lambda z, c: z.NSF(FEATURES, c, transforms=2, bins=4, hidden_features=HIDDEN)),
+         layer=False),
+    # a bisection inverse, to about 1e-6 on [-10, 10] on the data side (|z| < 4 on the base side)
+    Case("from_zuko-NAF", _zuko(lambda z, c: z.NAF(FEATURES, c, transforms=1, hidden_features=HIDDEN)),
+         layer=False, base_bound=4.0, tolerance=1e-5),
+    # an adaptive ODE solve both ways, to atol = rtol = 1e-5 (zuko relaxes the trace 100-fold: 1e-3)
+    Case("CNF", lambda c: pf.flows.CNF(2, c, hidden=(8, 8), atol=1e-5, rtol=1e-5), layer=False, shape=(2,),
+         tolerance=5e-3),
 ]
 
 CASES = LAYERS + BUILDERS

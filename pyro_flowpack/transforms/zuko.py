@@ -24,6 +24,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.distributions import Distribution
@@ -64,8 +65,10 @@ class ZukoTransform(FlowTransform):
     zuko's own numerical inverses decide the cost and accuracy of the forward (sampling)
     map: NAF, UNAF, SOSPF, BPF and GF layers invert by bisection (to about ``1e-6`` on
     ``[-10, 10]``, so data beyond that bound cannot be reached), a CNF by an adaptive ODE
-    solve to its ``atol``/``rtol``. Note that zuko lets gradients reach the parameters
-    through those numerical inverses only in training mode (``module.train()``).
+    solve to its ``atol``/``rtol``. zuko lets gradients reach the parameters through a
+    numerical solver only in training mode; for a transform that exposes its solver's
+    parameters (a CNF's), this layer passes them whenever autograd records, in evaluation
+    mode too. The inner bisections of NAF-like layers stay as zuko makes them.
 
     Arguments:
         transform: A :class:`zuko.lazy.LazyTransform` (any zuko layer, e.g.
@@ -107,7 +110,14 @@ class ZukoTransform(FlowTransform):
         if context is not None:
             batch = x.shape[: x.dim() - len(self.event_shape)]
             context = context.expand(batch + self.context_shape)
-        return self.lazy_transform(context)
+        transform = self.lazy_transform(context)
+        phi = getattr(transform, "phi", None)
+        if isinstance(phi, tuple) and torch.is_grad_enabled() and not self.lazy_transform.training:
+            # zuko hands its parameters to a numerical solver (an ODE, a bisection) only in
+            # training mode; here gradients reach them whenever autograd records
+            params = [p for p in self.lazy_transform.parameters() if p.requires_grad]
+            transform.phi = tuple({id(t): t for t in (*phi, *params)}.values())
+        return transform
 
     def _summed(self, ladj: Tensor, x: Tensor) -> Tensor:
         # zuko's elementwise transforms leave event dimensions in the log-determinant
