@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
 from .base import FlowTransform, ShapeLike
@@ -105,7 +105,7 @@ class ZukoTransform(FlowTransform):
         super().__init__(features, context)
         self.lazy_transform: nn.Module = transform
 
-    def _zuko(self, x: Tensor, context: Tensor | None):
+    def _zuko(self, x: Tensor, context: Tensor | None) -> Transform:
         """zuko's data-to-base transform for ``context`` broadcast to the batch of ``x``."""
         if context is not None:
             batch = x.shape[: x.dim() - len(self.event_shape)]
