@@ -34,36 +34,65 @@ def encoder(inputs: int = 6, context: int = 4, hidden: int = 16) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, context))
 
 
-def amortized(latent: int = 2, inputs: int = 6, context: int = 4, transforms: int = 2) -> AmortizedFlow:
-    return AmortizedFlow(encoder(inputs, context), pf.flows.IAF(latent, context, transforms, hidden=(16, 16)))
+def amortized(latent: int = 2, inputs: int = 6, context: int = 4, transforms: int = 2,
+              affine: bool = False) -> AmortizedFlow:
+    outputs = context + 2 * latent if affine else context
+    return AmortizedFlow(encoder(inputs, outputs), pf.flows.IAF(latent, context, transforms, hidden=(16, 16)), affine)
+
+
+def perturb(module: nn.Module, scale: float = 0.2) -> None:
+    """Moves the parameters away from the initial identity flow, which ignores the context."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
 
 
 # Shapes and densities -----------------------------------------------------------------------
+AFFINE = pytest.mark.parametrize("affine", [False, True], ids=["flow", "affine"])
+
+
+@AFFINE
 @pytest.mark.parametrize("batch", [(10,), (3, 5)], ids=["vector", "matrix"])
-def test_batch_shape_is_the_encoder_output_batch_shape(batch):
-    q = amortized(latent=3)(torch.randn(*batch, 6))
-    assert isinstance(q, pf.FlowDistribution)
+def test_batch_shape_is_the_encoder_output_batch_shape(batch, affine):
+    q = amortized(latent=3, affine=affine)(torch.randn(*batch, 6))
+    assert isinstance(q, pf.FlowDistribution) != affine
     assert q.batch_shape == batch and q.event_shape == (3,)
-    z, log_q = q.rsample_and_log_prob((7,))
-    assert z.shape == (7, *batch, 3) and log_q.shape == (7, *batch)
+    z = q.rsample((7,))
+    assert z.shape == (7, *batch, 3) and q.log_prob(z).shape == (7, *batch)
     assert q.sample().shape == (*batch, 3)
 
 
 def test_one_pass_log_density_equals_the_inverse_pass_log_prob_within_1e10():
     q = amortized(latent=3, transforms=3).double()
-    with torch.no_grad():
-        for p in q.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    perturb(q)
     x = torch.randn(8, 6, dtype=torch.float64)
     z, log_q = q(x).rsample_and_log_prob((5,))
     assert torch.allclose(q(x).log_prob(z.clone()), log_q, rtol=0, atol=1e-10)  # a clone: a real inverse
 
 
+def test_affine_q_is_the_flow_moved_and_scaled_by_the_encoder_within_1e10():
+    """log q(z | x) = log q_flow((z - mu) / sigma | h) - sum log sigma, sigma = softplus + 1e-4."""
+    q = amortized(latent=3, transforms=3, affine=True).double()
+    perturb(q)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    loc, raw, context = q.encoder(x).split([3, 3, 4], dim=-1)
+    scale = torch.nn.functional.softplus(raw) + 1e-4
+    z = torch.randn(5, 8, 3, dtype=torch.float64)
+    expected = q.flow(context).log_prob((z - loc) / scale) - scale.log().sum(-1)
+    assert torch.allclose(q(x).log_prob(z), expected, rtol=0, atol=1e-10)
+
+
+def test_affine_q_starts_as_the_encoders_diagonal_gaussian_within_1e6():
+    q = amortized(latent=3, affine=True)
+    x, z = torch.randn(8, 6), torch.randn(8, 3)
+    loc, raw, _ = q.encoder(x).split([3, 3, 4], dim=-1)
+    gaussian = dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-4).to_event(1)
+    assert torch.allclose(q(x).log_prob(z), gaussian.log_prob(z), rtol=0, atol=1e-6)
+
+
 def test_rows_of_q_depend_only_on_their_own_observation():
     q = amortized()
-    with torch.no_grad():  # away from the initial identity, which ignores the context
-        for p in q.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    perturb(q)
     x = torch.randn(4, 6)
     z = torch.randn(4, 2)
     changed = x.clone()
@@ -79,11 +108,12 @@ def test_state_dict_round_trip_gives_the_same_q():
     assert torch.equal(q(x).log_prob(z), twin(x).log_prob(z))
 
 
-def test_guide_samples_and_scores_in_one_network_pass_per_layer():
+@AFFINE
+def test_guide_samples_and_scores_in_one_network_pass_per_layer(affine):
     """SVI draws z from the guide and scores it: with the IAF form, each layer's MADE runs
     once for both (not once per latent dimension, as an inverse would)."""
     latent, transforms = 5, 3
-    q = amortized(latent=latent, transforms=transforms)
+    q = amortized(latent=latent, transforms=transforms, affine=affine)
     calls = []
     for module in q.modules():
         if isinstance(module, pf.nn.MADE):
@@ -152,6 +182,12 @@ def test_unconditional_flow_is_refused_with_a_clear_error():
 def test_encoder_output_of_the_wrong_size_is_refused_with_a_clear_error():
     q = AmortizedFlow(encoder(6, 5), pf.flows.IAF(2, context=4))
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 4\).*got shape \(10, 5\)"):
+        q(torch.randn(10, 6))
+
+
+def test_affine_encoder_output_of_the_wrong_size_is_refused_with_a_clear_error():
+    q = AmortizedFlow(encoder(6, 4), pf.flows.IAF(2, context=4), affine=True)
+    with pytest.raises(ValueError, match=r"location, scale and context tensor of shape \(\.\.\., 8\).*got shape \(10, 4\)"):
         q(torch.randn(10, 6))
 
 
