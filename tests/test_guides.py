@@ -250,7 +250,7 @@ def test_our_layers_work_as_init_transform_fn_of_pyros_auto_normalizing_flow():
         pyro.clear_param_store()
         guide = AutoNormalizingFlow(model, init)
         before = elbo_estimate(model, guide, 2000)
-        train(model, guide, steps=100, lr=3e-2)
+        train(model, guide, steps=60, lr=5e-2)
         names = list(pyro.get_param_store().keys())
         assert any("transform" in n for n in names), names
         after = elbo_estimate(model, guide, 2000)
