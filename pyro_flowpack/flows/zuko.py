@@ -117,8 +117,10 @@ class CNF(Flow):
         context: The number of context features.
         hidden: The hidden sizes of the velocity network.
         exact: Whether the trace is exact (else Hutchinson's estimate).
-        atol: The absolute tolerance of the ODE solver.
-        rtol: The relative tolerance of the ODE solver.
+        atol: The absolute tolerance of the ODE solver. It must be attainable in the
+            flow's dtype (about ``1e-6`` or more in float32): zuko's solver shrinks its step
+            until it is met and never returns otherwise.
+        rtol: The relative tolerance of the ODE solver (the same caveat).
         freqs: The number of time-embedding frequencies.
         activation: The activation of the velocity network (a smooth one: the trace
             differentiates it).
