@@ -19,7 +19,7 @@ The script prints and writes to ``--out/metrics.json`` the test NLL (nats per po
 NUTS posterior mean and the reference, their difference in Monte Carlo standard errors,
 and NUTS's split R-hat and effective sample sizes.
 
-Run ``python examples/pyro_density.py`` (about a minute on two CPU cores).
+Run ``python examples/pyro_density.py`` (a few minutes on two CPU cores).
 Torch uses all cores unless ``OMP_NUM_THREADS`` says otherwise.
 """
 
