@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Distributed", "setup", "shard", "all_reduce_sum", "all_reduce_max"]
+__all__ = ["Distributed", "setup", "shard", "all_reduce"]
 
 
 @dataclass(frozen=True)
@@ -103,17 +103,17 @@ def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     return indices[rank::world_size]
 
 
-def all_reduce_sum(value: Tensor, context: Distributed) -> Tensor:
-    r"""The sum of ``value`` over processes (``value`` itself in a one-process run)."""
+def all_reduce(value: Tensor, context: Distributed, op: str = "sum") -> Tensor:
+    r"""The ``"sum"`` or ``"max"`` of ``value`` over processes (``value`` itself in a
+    one-process run).
+
+    Example:
+        >>> all_reduce(torch.tensor(2.0), Distributed(), "max")
+        tensor(2.)
+    """
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce: op must be 'sum' or 'max', got {op!r}")
     if context.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def all_reduce_max(value: Tensor, context: Distributed) -> Tensor:
-    r"""The maximum of ``value`` over processes (``value`` itself in a one-process run)."""
-    if context.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return value

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..flow import Flow
 from ..transforms.normalization import ActNorm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
-from .distributed import Distributed, all_reduce_max, all_reduce_sum, setup, shard
+from .distributed import Distributed, all_reduce, setup, shard
 
 __all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "fit", "evaluate_nll", "RUN_FILES"]
 
@@ -240,7 +240,7 @@ def evaluate_nll(flow: Flow, data: Tensor, batch_size: int = 1024, distributed: 
         for batch in mine.split(batch_size):
             total += -d.log_prob(batch.to(distributed.device)).double().sum()
         count = torch.tensor(float(len(mine)), dtype=torch.float64, device=distributed.device)
-        total, count = all_reduce_sum(total, distributed), all_reduce_sum(count, distributed)
+        total, count = all_reduce(total, distributed), all_reduce(count, distributed)
     finally:
         flow.train(was_training)
     return (total / count).item()
@@ -487,7 +487,7 @@ def fit(
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), config.clip or math.inf)
                 bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
-                skipped = bool(all_reduce_max(bad, context) > 0)
+                skipped = bool(all_reduce(bad, context, "max") > 0)
                 value = loss.item()
                 if skipped:
                     optimizer.zero_grad(set_to_none=True)
