@@ -103,8 +103,12 @@ class RationalQuadraticSpline(MonotoneMap):
     identity (linear) tails outside (Durkan et al., 2019).
 
     The parameters are :math:`K` unnormalised widths, :math:`K` unnormalised heights and
-    :math:`K - 1` unnormalised interior derivatives (boundary derivatives are 1 to match
-    the tails). In bin :math:`k`, with :math:`\xi = (x - x_k) / w_k` and
+    :math:`K - 1` unnormalised interior log-derivatives (boundary derivatives are 1 to
+    match the tails). A raw log-derivative :math:`r` is soft-clamped,
+    :math:`\delta = \exp(r / (1 + |r| / L))` with :math:`L = -\log \delta_{\min}`, so
+    derivatives lie in :math:`(\delta_{\min}, 1 / \delta_{\min})` and change scale as
+    fast as the network's output (zuko parameterises them the same way; a softplus learns
+    sharp densities more slowly). In bin :math:`k`, with :math:`\xi = (x - x_k) / w_k` and
     :math:`s_k = h_k / w_k`,
 
     .. math::
@@ -117,7 +121,7 @@ class RationalQuadraticSpline(MonotoneMap):
         bins: The number of bins :math:`K`.
         bound: The half-width :math:`B` of the interval.
         min_width: The smallest bin width and height, as a fraction of :math:`2B / K`.
-        min_derivative: The smallest derivative at a knot.
+        min_derivative: The smallest derivative at a knot (its inverse is the largest).
 
     References:
         | Neural Spline Flows (Durkan et al., 2019)
@@ -139,8 +143,7 @@ class RationalQuadraticSpline(MonotoneMap):
         self.bound = float(bound)
         self.min_width = min_width / bins
         self.min_derivative = min_derivative
-        # softplus(0 + shift) + min_derivative = 1, so zero parameters give derivative 1
-        self._derivative_shift = math.log(math.expm1(1.0 - min_derivative))
+        self._log_derivative_bound = -math.log(min_derivative)  # zero parameters: derivative 1
         self.params = 3 * bins - 1
 
     def _knots(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,7 +154,7 @@ class RationalQuadraticSpline(MonotoneMap):
             u = self.min_width + (1 - self.min_width * K) * F.softmax(u, dim=-1)
             u = F.pad(torch.cumsum(u, dim=-1), (1, 0))
             knots.append(2 * B * u - B)
-        d = self.min_derivative + F.softplus(d + self._derivative_shift)
+        d = torch.exp(d / (1 + d.abs() / self._log_derivative_bound))
         d = F.pad(d, (1, 1), value=1.0)
         return knots[0], knots[1], d
 
