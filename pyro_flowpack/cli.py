@@ -357,7 +357,9 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.main:
         summary.update({"steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
                         "best_epoch": result.best_epoch, "best_valid": result.best_valid,
-                        "nonfinite_steps": result.nonfinite_steps, "train_time_s": round(result.train_time, 2),
+                        "nonfinite_steps": result.nonfinite_steps,
+                        # seconds of training over all resumed parts of the run
+                        "train_time_s": round(result.history[-1]["time"], 2) if result.history else 0.0,
                         "checkpoint": str(best)})
         pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"])
         summary["pictures"] = [str(p) for p in pictures]
