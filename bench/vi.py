@@ -509,7 +509,7 @@ def run(target: Target, guide_name: str, seed: int, steps: int, particles: int, 
 # --------------------------------------------------------------------------- tables
 
 
-HEADER = ["target", "log Z", "guide", "log Z - ELBO", "|log Z_IS - log Z|", "train [s]"]
+HEADER = ["target", "log Z", "guide", "log Z - ELBO", "IS error", "train [s]"]
 
 
 def mean_sd(values: Sequence[float], digits: int) -> str:
