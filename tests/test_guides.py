@@ -187,7 +187,7 @@ def test_trained_elbo_is_within_0p03_of_the_exact_log_evidence_of_normal_normal(
 
 # One-pass scoring -----------------------------------------------------------------------
 def test_an_elbo_step_runs_each_network_once_and_never_the_sequential_direction(monkeypatch):
-    guide = AutoFlowGuide(constrained_model, flow="nsf", transforms=2)
+    guide = AutoFlowGuide(constrained_model, flow="nsf", transforms=2, splines=2)
     guide()
     calls = {"network": 0, "sequential": 0}
     made = [m for m in guide.modules() if isinstance(m, pf.nn.MADE)]
@@ -214,7 +214,8 @@ def test_quantiles_of_the_untrained_guide_match_its_lognormal_within_monte_carlo
         pyro.sample("scale", dist.LogNormal(0.0, 1.0))
 
     init = pyro.infer.autoguide.init_to_value(values={"scale": torch.tensor(1.5)})
-    guide = AutoFlowGuide(model, flow="nsf", transforms=2, init_loc_fn=init, quantile_samples=20000)
+    guide = AutoFlowGuide(model, flow="nsf", transforms=2, init_loc_fn=init, init_scale=0.1,
+                          quantile_samples=20000)
     levels = torch.tensor([0.1, 0.5, 0.9])
     expected = 1.5 * torch.exp(0.1 * dist.Normal(0.0, 1.0).icdf(levels))
     quantiles = guide.quantiles(levels.tolist())["scale"]
@@ -311,3 +312,33 @@ def test_svi_guide_example_prints_an_elbo_per_guide_and_writes_json(tmp_path, ca
     assert set(results["elbo"]) == {"AutoNormal", "AutoIAFNormal", "AutoFlowGuide"}
     for name, value in results["elbo"].items():
         assert name in printed and math.isfinite(value) and value < results["log_z"] + 0.5
+
+
+# The "nsf" and "iaf" recipes ---------------------------------------------------------------
+def test_nsf_recipe_has_bounded_affine_blocks_and_splines_in_the_last_blocks_only():
+    from pyro_flowpack.transforms import MaskedSplineAutoregressive
+
+    def kinds(**options):
+        return ["spline" if isinstance(t.layer, MaskedSplineAutoregressive) else "affine"
+                for t in pf.infer.guide_flow("nsf", 3, **options).transform.modules_]
+
+    assert kinds() == ["affine"] * 4 + ["spline"]
+    assert kinds(transforms=2, splines=2) == ["affine", "spline", "affine", "spline"]
+    assert kinds(transforms=2, splines=2, affine=False) == ["spline", "spline"]
+    with pytest.raises(ValueError, match=r"splines.*\[0, transforms=2\], got 3"):
+        pf.infer.guide_flow("nsf", 3, transforms=2, splines=3)
+
+
+def test_affine_layers_log_scale_stays_within_its_bounds_and_starts_at_the_identity():
+    # the sampling direction's log-scale of layer 1 is -log|dy/dx| of its MAF map; with
+    # huge network outputs it must approach the bounds (-5, 3) but not cross them
+    from pyro_flowpack.infer.guides import _BoundedAffine
+
+    affine = _BoundedAffine(-3.0, 5.0)  # MAF side: the negated bounds
+    raw = torch.tensor([-1e4, -10.0, 0.0, 10.0, 1e4])
+    _, log_scale = affine._shift_log_scale(torch.stack([torch.zeros(5), raw], -1))
+    assert log_scale[2] == 0
+    assert torch.allclose(log_scale[[0, 4]], torch.tensor([-3.0, 5.0]))
+    assert bool(((log_scale >= -3) & (log_scale <= 5)).all()) and bool((log_scale.diff() > 0).all())
+    with pytest.raises(ValueError, match=r"low < 0 < high, got \(-5.0, -1.0\)"):
+        pf.infer.guide_flow("iaf", 2, log_scale_bounds=(-5.0, -1.0))

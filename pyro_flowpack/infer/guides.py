@@ -40,8 +40,9 @@ from torch.distributions import Transform
 from ..flow import Flow, FlowDistribution
 from ..flows.autoregressive import alternating_orders
 from ..flows.coupling import alternating_masks
-from ..transforms.autoregressive import MaskedAffineAutoregressive, MaskedSplineAutoregressive
+from ..transforms.autoregressive import MaskedAutoregressive, MaskedSplineAutoregressive
 from ..transforms.base import FlowTransform, Inverse
+from ..transforms.monotone import Affine
 from ..transforms.coupling import AffineCoupling
 from ..transforms.normalization import ActNorm
 
@@ -53,21 +54,73 @@ def _default_hidden(features: int) -> tuple[int, int]:
     return (width, width)
 
 
+#: Soft bounds on the log-scale of the guide's affine layers in the sampling direction,
+#: those of Pyro's ``AffineAutoregressive``: a layer may shrink a scale down to
+#: :math:`e^{-5}` (the neck of a funnel) but grow it at most :math:`e^{3}`-fold, so that no
+#: early sample lands where the model's density overflows.
+LOG_SCALE_BOUNDS = (-5.0, 3.0)
+
+
+class _BoundedAffine(Affine):
+    r"""The affine map :math:`x e^{s} + t` with the log-scale soft-clamped into
+    :math:`(a, b)`, :math:`a < 0 < b`: :math:`s = c + h \tanh((r + r_0) / h)`,
+    :math:`c = (a + b) / 2`, :math:`h = (b - a) / 2`, :math:`r_0 = h \,\mathrm{artanh}(-c / h)`,
+    so that a raw output :math:`r = 0` is the identity, as for :class:`Affine`."""
+
+    def __init__(self, low: float, high: float) -> None:
+        if not low < 0 < high:
+            raise ValueError(f"log-scale bounds must be (low, high) with low < 0 < high, got {(low, high)!r}")
+        super().__init__(max(-low, high))
+        self.low, self.high = float(low), float(high)
+        self.center, self.half = (high + low) / 2, (high - low) / 2
+        self.offset = self.half * math.atanh(-self.center / self.half)
+
+    def _shift_log_scale(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        shift, raw = theta.unbind(-1)
+        return shift, self.center + self.half * torch.tanh((raw + self.offset) / self.half)
+
+    def __repr__(self) -> str:
+        return f"Affine(low={self.low}, high={self.high})"
+
+
+def _affine_iaf(features: int, hidden: tuple[int, ...], order: Tensor,
+                log_scale_bounds: tuple[float, float]) -> FlowTransform:
+    """An affine layer in IAF form whose sampling-direction log-scale lies in ``log_scale_bounds``
+    (the MAF layer it inverts has the negated bounds)."""
+    if len(tuple(log_scale_bounds)) != 2:
+        raise ValueError(f"AutoFlowGuide: log_scale_bounds must be a pair (low, high), got {log_scale_bounds!r}")
+    low, high = (float(b) for b in log_scale_bounds)
+    if not low < 0 < high:
+        raise ValueError(f"AutoFlowGuide: log_scale_bounds must be (low, high) with low < 0 < high, "
+                         f"got {(low, high)!r}")
+    return Inverse(MaskedAutoregressive(features, _BoundedAffine(-high, -low), 0, hidden, order))
+
+
 def _nsf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None, bins: int = 8,
-         bound: float = 5.0, affine: bool = True) -> list[FlowTransform]:
+         bound: float = 5.0, affine: bool = True, splines: int = 1,
+         log_scale_bounds: tuple[float, float] = LOG_SCALE_BOUNDS) -> list[FlowTransform]:
     hidden = _default_hidden(features) if hidden is None else tuple(hidden)
+    if isinstance(splines, bool) or not isinstance(splines, int) or not 0 <= splines <= transforms:
+        raise ValueError(f"AutoFlowGuide: flow='nsf' needs splines, the number of blocks ending with a spline "
+                         f"layer, to be an int in [0, transforms={transforms}], got {splines!r}")
+    if not affine and splines == 0:
+        raise ValueError("AutoFlowGuide: flow='nsf' with affine=False needs splines >= 1")
     layers: list[FlowTransform] = []
-    for order in alternating_orders(features, transforms):
+    for i, order in enumerate(alternating_orders(features, transforms)):
         if affine:
-            layers.append(Inverse(MaskedAffineAutoregressive(features, 0, hidden, order)))
-        layers.append(Inverse(MaskedSplineAutoregressive(features, 0, hidden, order, bins, bound)))
+            layers.append(_affine_iaf(features, hidden, order, log_scale_bounds))
+        if i >= transforms - splines:
+            layers.append(Inverse(MaskedSplineAutoregressive(features, 0, hidden, order, bins, bound)))
     return layers
 
 
 def _iaf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None,
-         bound: float = 3.0) -> list[FlowTransform]:
+         bound: float | None = None, log_scale_bounds: tuple[float, float] = LOG_SCALE_BOUNDS
+         ) -> list[FlowTransform]:
     hidden = _default_hidden(features) if hidden is None else tuple(hidden)
-    return [Inverse(MaskedAffineAutoregressive(features, 0, hidden, order, bound))
+    if bound is not None:
+        log_scale_bounds = (-bound, bound)
+    return [_affine_iaf(features, hidden, order, log_scale_bounds)
             for order in alternating_orders(features, transforms)]
 
 
@@ -127,12 +180,18 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
     Arguments:
         flow: A name in :data:`GUIDE_FLOWS`:
 
-            * ``"nsf"``: blocks of an affine and a rational-quadratic spline
-              autoregressive layer in IAF form, the order reversed every block (options
-              ``transforms=4`` blocks, ``hidden``, ``bins=8``, ``bound=5.0`` the spline's
-              half-width, ``affine=True`` whether each block starts with an affine layer);
+            * ``"nsf"``: ``transforms=4`` blocks of affine autoregressive layers in IAF
+              form, the order reversed every block (ascending first, so that the first
+              latent dimension conditions the others), the last ``splines=1`` blocks
+              ending with a rational-quadratic spline autoregressive layer (``bins=8``,
+              ``bound=5.0`` the spline's half-width); ``affine=True`` whether each block
+              has its affine layer; ``log_scale_bounds=(-5, 3)`` the soft bounds of each
+              affine layer's log-scale in the sampling direction (those of Pyro's
+              ``AffineAutoregressive``: a funnel's neck needs scales well below
+              :math:`e^{-3}`); ``hidden``;
             * ``"iaf"`` (also ``"maf"``, ``"affine"``): affine autoregressive layers in
-              IAF form (``transforms=4``, ``hidden``, ``bound=3.0`` on the log-scale);
+              IAF form (``transforms=4``, ``hidden``, ``log_scale_bounds=(-5, 3)``, or
+              ``bound`` for symmetric bounds :math:`(-b, b)`);
             * ``"realnvp"``: affine coupling layers (``transforms=6``, ``hidden``,
               ``bound``), for :math:`D \ge 2`.
 
@@ -206,7 +265,9 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: A per-site initialisation function, one of Pyro's
             ``pyro.infer.autoguide.initialization`` strategies; the guide starts centred
             there.
-        init_scale: The initial scale :math:`\sigma` of every unconstrained dimension.
+        init_scale: The initial scale :math:`\sigma` of every unconstrained dimension
+            (1, as the standard normal base of Pyro's flow guides; take about 0.1, as
+            ``AutoNormal``, when the likelihood is sharp).
         quantile_samples: The number of samples behind :meth:`median` and
             :meth:`quantiles`.
         options: Options of the flow (``transforms``, ``hidden``, ``bins``, ...).
@@ -224,7 +285,7 @@ class AutoFlowGuide(AutoContinuous):
     """
 
     def __init__(self, model: Callable, flow: FlowSpec = "nsf", *, init_loc_fn: Callable = init_to_median,
-                 init_scale: float = 0.1, quantile_samples: int = 4096, **options: Any) -> None:
+                 init_scale: float = 1.0, quantile_samples: int = 4096, **options: Any) -> None:
         _check_spec(flow, options)
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0 \
                 or not math.isfinite(init_scale):
