@@ -201,7 +201,8 @@ def test_pyro_density_example_runs_with_a_tiny_budget(tmp_path):
     spec = importlib.util.spec_from_file_location("pyro_density", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    example.main(["--steps", "20", "--warmup", "20", "--samples", "30", "--reference-draws", "5000", "--seed", "1", "--out", str(tmp_path)])
+    example.main(["--steps", "20", "--warmup", "50", "--samples", "50", "--reference-draws", "5000", "--seed", "1",
+                  "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert math.isfinite(metrics["test_nll"]) and metrics["steps"] == 20 and metrics["seed"] == 1
     assert len(metrics["posterior_mean_nuts"]) == 2 and len(metrics["posterior_mean_reference"]) == 2
