@@ -85,7 +85,14 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 import pyro_flowpack as pf
+
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/ scripts share tables.py
+from tables import markdown, rst  # noqa: E402
 from pyro_flowpack.data import ImageDataset, digits
+from pyro_flowpack.train import write_atomically
 
 SHAPE = (1, 8, 8)
 D = math.prod(SHAPE)
@@ -314,24 +321,7 @@ def table_body(results: Sequence[dict]) -> list[list[str]]:
     ]
 
 
-def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    rule = ["---"] + ["---:"] * (len(header) - 1)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *body])
 
-
-def rst(header: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> str:
-    lines = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
-    for cells in [header, *body]:
-        lines.append(f"   * - {cells[0]}")
-        lines += [f"     - {c}" for c in cells[1:]]
-    return "\n".join(lines) + "\n"
-
-
-def write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -386,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown(header, body))
     if args.rst:
-        write_atomically(args.rst, rst(header, body, f"Bits/dim on digits, equal CPU budget ({settings})"))
+        table = rst(header, body, f"Bits/dim on digits, equal CPU budget ({settings})")
+        write_atomically(args.rst, lambda p: p.write_text(table))
     if args.json:
         payload = {
             "settings": {
@@ -405,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
             },
             "results": results,
         }
-        write_atomically(args.json, json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2) + "\n"
+        write_atomically(args.json, lambda p: p.write_text(text))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 import pyro_flowpack as pf
+from pyro_flowpack.train import write_atomically
+
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/ scripts share tables.py
+from tables import markdown, rst  # noqa: E402
 
 OPERATIONS = ("train step", "log_prob", "sample")
 HEADER = ["flow", "operation", "ours [ms]", "zuko [ms]", "zuko / ours", "Pyro [ms]", "Pyro / ours"]
@@ -68,7 +75,7 @@ HEADER = ["flow", "operation", "ours [ms]", "zuko [ms]", "zuko / ours", "Pyro [m
 Medians = dict[str, dict[str, float]]
 
 DEGREES = "MADE hidden-unit degrees: ours and Pyro's evenly spread, zuko's cycled"
-SPLINE_PARAMETERS = "widths and knot slopes are squashed differently (ours and Pyro softplus slopes, zuko exp)"
+SPLINE_PARAMETERS = "widths and knot slopes are squashed differently (ours and zuko soft-clamped exp slopes, Pyro softplus)"
 
 
 @dataclass(frozen=True)
@@ -375,17 +382,6 @@ def table_body(rows: Sequence[Row], results: Sequence[Medians]) -> list[list[str
     return body
 
 
-def markdown(body: Sequence[Sequence[str]]) -> str:
-    rule = ["---"] * 2 + ["---:"] * (len(HEADER) - 2)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [HEADER, rule, *body])
-
-
-def rst(body: Sequence[Sequence[str]], caption: str) -> str:
-    lines = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
-    for cells in [HEADER, *body]:
-        lines.append(f"   * - {cells[0]}")
-        lines += [f"     - {c}" for c in cells[1:]]
-    return "\n".join(lines) + "\n"
 
 
 def targets(rows: Sequence[Row], results: Sequence[Medians]) -> list[str]:
@@ -461,12 +457,12 @@ def main() -> None:
         results.append(time_row(row, batches, args.warmup, args.repeats, CLOCKS[args.clock]))
     body = table_body(rows, results)
     print()
-    print(markdown(body))
+    print(markdown(HEADER, body, text_columns=2))
     print()
     print("\n".join(targets(rows, results)))
     if args.rst:
-        with open(args.rst, "w") as f:
-            f.write(rst(body, f"pyro-flowpack vs zuko and Pyro ({settings})"))
+        table = rst(HEADER, body, f"pyro-flowpack vs zuko and Pyro ({settings})")
+        write_atomically(args.rst, lambda p: p.write_text(table))
 
 
 if __name__ == "__main__":

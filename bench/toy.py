@@ -70,6 +70,12 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 import pyro_flowpack as pf
+
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/ scripts share tables.py
+from tables import markdown, rst  # noqa: E402
 from pyro_flowpack.data import TOY_DATASETS, toy_dataset
 from pyro_flowpack.train import write_atomically
 
@@ -246,17 +252,6 @@ def table(summaries: dict[str, dict], models: Sequence[str]) -> tuple[list[str],
     return header, body
 
 
-def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    rule = ["---"] + ["---:"] * (len(header) - 1)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *body])
-
-
-def rst(header: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> str:
-    lines = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
-    for cells in [header, *body]:
-        lines.append(f"   * - {cells[0]}")
-        lines += [f"     - {c}" for c in cells[1:]]
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

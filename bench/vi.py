@@ -105,6 +105,12 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 import pyro_flowpack as pf
+
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/ scripts share tables.py
+from tables import markdown, rst  # noqa: E402
 from pyro_flowpack.train import write_atomically
 
 __all__ = [
@@ -565,17 +571,6 @@ def goals(results: Sequence[dict]) -> list[str]:
     return lines
 
 
-def markdown(body: Sequence[Sequence[str]]) -> str:
-    rule = ["---", "---:", "---"] + ["---:"] * (len(HEADER) - 3)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [HEADER, rule, *body])
-
-
-def rst(body: Sequence[Sequence[str]], caption: str) -> str:
-    lines = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
-    for cells in [HEADER, *body]:
-        lines.append(f"   * - {cells[0]}")
-        lines += [f"     - {c}" for c in cells[1:]]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- command line
@@ -697,12 +692,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_json()
     body = table_body(results)
     print()
-    print(markdown(body))
+    print(markdown(HEADER, body, text_columns=3))
     print()
     for line in goals(results):
         print(line)
     if args.rst:
-        text = rst(body, f"log Z - ELBO and importance-sampling error by guide ({settings})")
+        text = rst(HEADER, body, f"log Z - ELBO and importance-sampling error by guide ({settings})")
         write_atomically(args.rst, lambda p: p.write_text(text))
     return results
 
