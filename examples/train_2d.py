@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     flow.load_state_dict(pf.train.load_checkpoint(args.out / pf.train.RUN_FILES["best"])["model"])
     nll = evaluate_nll(flow, data.test)
 
-    records = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    records = pf.train.read_metrics(args.out)
     pictures = [pf.plots.density_2d(flow, data.test, args.out / "density.png"),
                 pf.plots.loss_curve(records, args.out / "loss.png")]
     metrics = {"dataset": data.name, "flow": args.flow, "epochs": result.epochs, "steps": result.steps,

@@ -27,7 +27,7 @@ import torch
 
 import pyro_flowpack as pf
 from pyro_flowpack.data import IMAGE_DATASETS, load_data
-from pyro_flowpack.train import TrainConfig, build_flow, fit, write_atomically
+from pyro_flowpack.train import TrainConfig, build_flow, evaluate_nll, fit, write_atomically
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,15 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@torch.no_grad()
-def test_bits_per_dim(flow: pf.Flow, images: torch.Tensor, k: int) -> tuple[float, float]:
-    """The mean test bits/dim: the one-sample bound and the importance-weighted estimate."""
-    flow.eval()
-    d = flow()
-    shape = images.shape[1:]
-    bound = torch.cat([d.log_prob(x) for x in images.split(256)])
-    iw = torch.cat([pf.infer.iw_log_prob(d, x, k=k, chunk=max(1, 1024 // len(x))) for x in images.split(64)])
-    return (pf.infer.bits_per_dim(bound, shape).mean().item(), pf.infer.bits_per_dim(iw, shape).mean().item())
+def bits_per_dim(nll: float, shape: torch.Size) -> float:
+    """A mean NLL in nats per image, in bits per dimension."""
+    return pf.infer.bits_per_dim(torch.tensor(-nll), shape).item()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,12 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
                          seed=args.seed, threads=args.threads, unit="bits/dim")
     result = fit(flow, data.train, data.valid, config, out=args.out, resume=args.resume)
     flow.load_state_dict(pf.train.load_checkpoint(args.out / pf.train.RUN_FILES["best"])["model"])
-    bound, iw = test_bits_per_dim(flow, data.test, args.k)
+    bound = bits_per_dim(evaluate_nll(flow, data.test), data.event_shape)
+    iw = bits_per_dim(pf.train.evaluate_iw_nll(flow, data.test, args.k), data.event_shape)
     print(f"final test bits/dim: bound {bound:.4f}, importance-weighted (k={args.k}) {iw:.4f}", flush=True)
 
     with torch.no_grad():
         samples = flow().sample((64,), temperature=args.temperature)
-    records = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    records = pf.train.read_metrics(args.out)
     pictures = [pf.plots.image_grid(samples, args.out / "samples.png", num_bins=data.num_bins, nrow=8),
                 pf.plots.loss_curve(records, args.out / "loss.png", unit="bits/dim")]
     metrics = {"dataset": data.name, "flow": args.flow, "dequantization": args.dequantization,

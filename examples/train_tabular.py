@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = ",".join(f"x{d}" for d in range(features))
     text = "\n".join([header] + [",".join(f"{v:.6g}" for v in row) for row in samples.tolist()]) + "\n"
     write_atomically(args.out / "samples.csv", lambda p: p.write_text(text))
-    records = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    records = pf.train.read_metrics(args.out)
     test_rows = data.standardizer.inverse(data.test[:2000])
     pictures = [pf.plots.scatter(samples, args.out / "samples.png", data=test_rows, max_dims=min(features, 5)),
                 pf.plots.loss_curve(records, args.out / "loss.png")]

@@ -374,10 +374,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = True) -> dict[str, Any]:
     """Test metrics of ``flow`` on ``data``'s ``split`` (and the IW estimate for images)."""
-    import torch
-
-    from .infer import bits_per_dim, iw_log_prob
-    from .train import evaluate_nll
+    from .train import evaluate_iw_nll, evaluate_nll
 
     x = getattr(data, split)
     if len(x) == 0:
@@ -388,13 +385,7 @@ def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = 
         dims = data.event_shape.numel()
         summary.update({"unit": "bits/dim", "nll_bound_nats": nll, "bpd_bound": nll / (dims * math.log(2))})
         if iw:
-            flow.eval()
-            device = next(flow.parameters()).device
-            with torch.no_grad():
-                d = flow()
-                estimates = [iw_log_prob(d, batch.to(device), k=k, chunk=max(1, 1024 // len(batch)))
-                             for batch in x.split(max(1, 4096 // k))]
-            summary.update({"k": k, "bpd_iw": bits_per_dim(torch.cat(estimates), data.event_shape).mean().item()})
+            summary.update({"k": k, "bpd_iw": evaluate_iw_nll(flow, x, k) / (dims * math.log(2))})
     else:
         summary.update({"unit": "nats", "nll": nll})
         if data.standardizer is not None:
@@ -421,15 +412,9 @@ def _pictures(flow, data, out: Path, temperature: float, unit: str) -> list[Path
 
     from . import plots
 
-    records = []
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    paths = [plots.loss_curve(records, out / "loss.png", unit=unit)]
+    from .train import read_metrics
+
+    paths = [plots.loss_curve(read_metrics(out), out / "loss.png", unit=unit)]
     flow.eval()
     with torch.no_grad():
         if data.kind == "image":

@@ -3,12 +3,24 @@ data-parallel training under ``torchrun``."""
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
 from .distributed import Distributed, setup, shard
-from .loop import RUN_FILES, NonFiniteLossError, StepInfo, TrainConfig, TrainResult, evaluate_nll, fit
+from .loop import (
+    RUN_FILES,
+    NonFiniteLossError,
+    StepInfo,
+    TrainConfig,
+    TrainResult,
+    evaluate_iw_nll,
+    evaluate_nll,
+    fit,
+    read_metrics,
+)
 from .run import IMAGE_FLOWS, VECTOR_FLOWS, Run, build_flow, load_run
 
 __all__ = [
     "fit",
     "evaluate_nll",
+    "evaluate_iw_nll",
+    "read_metrics",
     "TrainConfig",
     "TrainResult",
     "StepInfo",
