@@ -2,12 +2,13 @@ r"""Inference and evaluation with flows: bits per dimension and importance-weigh
 log-likelihoods."""
 
 from .amortized import AmortizedFlow
-from .guides import GUIDE_FLOWS, AutoFlowGuide, guide_flow
+from .guides import GUIDE_FLOWS, AutoFlowGuide, StickingTheLanding, guide_flow
 from .metrics import bits_per_dim, iw_log_prob
 
 __all__ = [
     "AmortizedFlow",
     "AutoFlowGuide",
+    "StickingTheLanding",
     "guide_flow",
     "GUIDE_FLOWS",
     "bits_per_dim",
