@@ -41,7 +41,7 @@ LOG_Z = 0.0
 GUIDES: dict[str, Callable] = {
     "AutoNormal": lambda model: AutoNormal(model),
     "AutoIAFNormal": lambda model: AutoIAFNormal(model, hidden_dim=[64, 64], num_transforms=4),
-    "AutoFlowGuide": lambda model: pf.infer.AutoFlowGuide(model, flow="nsf", transforms=4, hidden=(64, 64)),
+    "AutoFlowGuide": lambda model: pf.infer.AutoFlowGuide(model, transforms=4, hidden=(64, 64)),
 }
 
 
