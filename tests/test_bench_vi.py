@@ -135,3 +135,14 @@ def test_include_merges_earlier_results_without_rerunning_them(tmp_path):
     with pytest.raises(ValueError, match="same settings|expected results made with"):
         vi.main(["--steps", "5", "--particles", "2", "--eval-particles", "32", "--targets", "banana",
                  "--guides", "AutoNormal", "--include", str(first)])
+
+
+def test_goals_compare_with_the_best_peer_and_never_with_an_ablation_of_ours():
+    def result(guide: str, gap: float, target: str = "banana") -> dict:
+        return {"target": target, "guide": guide, "seed": 0, "gap": gap}
+
+    results = [result("AutoFlowGuide", 0.010), result("AutoFlowGuideNoSTL", 0.005), result("ZukoNSF", 0.030),
+               result("AutoNormal", 0.5), result("AutoFlowGuide", 0.02, "beta_binomial")]
+    lines = vi.goals(results)
+    assert lines[0] == "banana: AutoFlowGuide gap 0.0100, best peer ZukoNSF 0.0300, ratio 0.33 (goal <= 0.5): met"
+    assert lines[1] == "beta_binomial: AutoFlowGuide gap 0.0200 (goal <= 0.01 nats): MISSED"
