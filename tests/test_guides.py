@@ -212,18 +212,39 @@ def test_an_elbo_step_without_stl_runs_each_network_once_and_never_the_sequentia
     assert calls == {"network": 4, "sequential": 0}
 
 
-def test_stl_scores_by_the_sequential_inverse_in_training_and_one_pass_without_gradients(monkeypatch):
+def test_stl_scores_its_own_draws_without_an_inverse_and_one_pass_without_gradients(monkeypatch):
     guide = AutoFlowGuide(constrained_model, flow="nsf", transforms=2, splines=2)
     guide()
     calls = count_network_and_sequential_calls(guide, monkeypatch)
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
     elbo.loss_and_grads(constrained_model, guide)
-    # sampling: 4 networks once; scoring: each layer's inverse, D = 7 passes of its network
-    assert calls == {"network": 4 + 4 * 7, "sequential": 4}
+    # sampling: 4 networks once; the fixed-parameter score: one more forward pass
+    assert calls == {"network": 8, "sequential": 0}
     calls.update(network=0, sequential=0)
     with torch.no_grad():
         elbo.loss(constrained_model, guide)
     assert calls == {"network": 4, "sequential": 0}
+
+
+@pytest.mark.parametrize("flow, options", [("iaf", {}), ("nsf", {"transforms": 2, "splines": 2}),
+                                           ("realnvp", {"transforms": 2})])
+def test_stl_score_of_a_draw_by_its_jacobian_equals_the_score_by_the_inverse(flow, options):
+    # for its own draw z = g(eps) the score's gradient is J(eps)^-T grad log q; any other
+    # tensor (here a view of z, with the same graph) goes through the inverse: values and
+    # parameter gradients must agree
+    torch.manual_seed(0)
+    g = pf.infer.guide_flow(flow, 5, **options)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the identity
+    q = pf.infer.StickingTheLanding(g.base().expand((7,)), g.transform, g)
+    z = q.rsample()
+    by_jacobian, by_inverse = q.log_prob(z), q.log_prob(z.view_as(z))
+    assert torch.allclose(by_jacobian, by_inverse, atol=1e-5)
+    parameters = list(g.parameters())
+    grads = [torch.cat([d.flatten() for d in torch.autograd.grad(score.sum(), parameters, retain_graph=True)])
+             for score in (by_jacobian, by_inverse)]
+    assert float((grads[0] - grads[1]).norm()) < 1e-5 * float(grads[1].norm())
 
 
 # Sticking the landing ----------------------------------------------------------------------
