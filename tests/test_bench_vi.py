@@ -146,3 +146,17 @@ def test_goals_compare_with_the_best_peer_and_never_with_an_ablation_of_ours():
     lines = vi.goals(results)
     assert lines[0] == "banana: AutoFlowGuide gap 0.0100, best peer ZukoNSF 0.0300, ratio 0.33 (goal <= 0.5): met"
     assert lines[1] == "beta_binomial: AutoFlowGuide gap 0.0200 (goal <= 0.01 nats): MISSED"
+
+
+def test_stl_cost_script_times_both_guides_and_writes_the_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_stl_cost", VI_PATH.parent / "stl_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cost.rst"
+    rows = module.main(["--dims", "3", "--rounds", "1", "--steps", "2", "--warmup", "0", "--rst", str(out)])
+    assert len(rows) == 1 and rows[0][0] == "3"
+    stl, plain, ratio = (float(x) for x in rows[0][1:])
+    assert stl > 0 and plain > 0 and abs(ratio - stl / plain) < 0.01 + 0.01 * ratio
+    assert out.read_text().startswith(".. list-table::")
+    with pytest.raises(SystemExit):
+        module.main(["--dims", "0"])
