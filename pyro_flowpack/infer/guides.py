@@ -358,9 +358,9 @@ class AutoFlowGuide(AutoContinuous):
     the guide's samples with the flow's parameters held fixed (:class:`StickingTheLanding`):
     the gradient estimate stays unbiased and its noise vanishes as the guide reaches the
     posterior, which on ``bench/vi.py``'s funnel and banana cuts the gap left after 3000
-    steps about 4-fold and 14-fold. It costs one more forward pass and a Jacobian (about
-    twice the time of a plain step up to :math:`D = 30` latent dimensions, 4.7 times at
-    :math:`D = 100`). With ``stl=False`` the score reuses the sampling pass. It works
+    steps about 4-fold and 17-fold. It costs one more forward pass and a Jacobian (about
+    twice the time of a plain step up to :math:`D = 30` latent dimensions, 5.3 times at
+    :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the sampling pass. It works
     with :class:`~pyro.infer.Trace_ELBO` (also with ``vectorize_particles=True``),
     :class:`~pyro.infer.Predictive` and, when every latent site has real support,
     :class:`~pyro.infer.TraceMeanField_ELBO`. All latent sites must be continuous; hide
