@@ -360,7 +360,8 @@ class AutoFlowGuide(AutoContinuous):
     posterior, which on ``bench/vi.py``'s funnel and banana cuts the gap left after 3000
     steps about 4-fold and 17-fold. It costs one more forward pass and a Jacobian (about
     twice the time of a plain step up to :math:`D = 30` latent dimensions, 5.3 times at
-    :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the sampling pass. It works
+    :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the
+    sampling pass. It works
     with :class:`~pyro.infer.Trace_ELBO` (also with ``vectorize_particles=True``),
     :class:`~pyro.infer.Predictive` and, when every latent site has real support,
     :class:`~pyro.infer.TraceMeanField_ELBO`. All latent sites must be continuous; hide
@@ -380,9 +381,9 @@ class AutoFlowGuide(AutoContinuous):
     Arguments:
         model: A Pyro model.
         flow: The flow: a name (``"iaf"`` (default), ``"maf"``/``"affine"`` (the same),
-            ``"nsf"``, ``"realnvp"``), a builder class such as :class:`~pyro_flowpack.flows.NSF` or a
-            callable ``flow(D)`` returning a :class:`~pyro_flowpack.flow.Flow`; see
-            :func:`guide_flow`.
+            ``"nsf"``, ``"realnvp"``), a builder class such as
+            :class:`~pyro_flowpack.flows.NSF` or a callable ``flow(D)`` returning a
+            :class:`~pyro_flowpack.flow.Flow`; see :func:`guide_flow`.
         init_loc_fn: A per-site initialisation function, one of Pyro's
             ``pyro.infer.autoguide.initialization`` strategies; the guide starts centred
             there.
