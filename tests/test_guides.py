@@ -387,6 +387,19 @@ def test_unknown_flow_name_or_option_raises_naming_the_choices():
         AutoFlowGuide(constrained_model, init_scale=-1)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_jit_trace_elbo_trains_with_the_plain_score_and_a_warning():
+    def model():
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(0.0, scale), obs=torch.tensor(0.5))
+
+    guide = AutoFlowGuide(model, transforms=2)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True))
+    with pytest.warns(RuntimeWarning, match="jit tracing.*plain"):
+        losses = [svi.step() for _ in range(3)]
+    assert all(math.isfinite(loss) for loss in losses)
+
+
 def test_stl_must_be_a_bool():
     with pytest.raises(TypeError, match="stl must be True or False, got 'yes'"):
         AutoFlowGuide(constrained_model, stl="yes")

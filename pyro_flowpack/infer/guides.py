@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import pyro
@@ -284,7 +285,8 @@ class StickingTheLanding(FlowDistribution):
     :math:`c = \nabla_z \log q(z)` and :math:`\bar z` the detached value. Any other value is
     scored through the flow's inverse with detached parameters (the sequential direction
     of an IAF layer: :math:`D` network passes). Without gradients it is the plain cached
-    score.
+    score, and so it is, with a warning, under ``torch.jit`` tracing
+    (:class:`~pyro.infer.JitTrace_ELBO`), where ``functional_call`` is not available.
 
     Arguments:
         base: The base distribution, with the batch shape.
@@ -332,6 +334,11 @@ class StickingTheLanding(FlowDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
+            return super().log_prob(value)
+        if torch.jit.is_tracing():
+            warnings.warn("StickingTheLanding: under torch.jit tracing (JitTrace_ELBO) the guide's samples are "
+                          "scored with the plain, total-derivative gradient; build the guide with stl=False to "
+                          "silence this", RuntimeWarning, stacklevel=2)
             return super().log_prob(value)
         value = self._check_value(value)
         if self._drawn is None or value is not self._drawn[1]:
