@@ -252,8 +252,8 @@ def standard_normal_model():
     pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
 
 
-def elbo_gradient(model, guide, particles: int) -> tuple[float, torch.Tensor]:
-    loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
+def elbo_gradient(model, guide, particles: int, plates: int = 0) -> tuple[float, torch.Tensor]:
+    loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=plates)
     value = loss.differentiable_loss(model, guide)
     parameters = [p for p in guide.parameters() if p.requires_grad]
     grads = torch.autograd.grad(value, parameters, allow_unused=True)
@@ -355,6 +355,11 @@ def test_a_builder_class_and_a_callable_give_working_guides():
     by_callable = AutoFlowGuide(constrained_model, flow=lambda d: pf.flows.IAF(d, transforms=1))
     x, log_q = by_callable.get_posterior().rsample_and_log_prob((5,))
     assert x.shape == (5, 7) and log_q.shape == (5,)
+    # the path gradient through builders (coupling splines with permutations, MAF form)
+    by_maf = AutoFlowGuide(constrained_model, flow=pf.flows.MAF, transforms=1, hidden=(16,))
+    for guide in (by_builder, by_callable, by_maf):
+        value, gradient = elbo_gradient(constrained_model, guide, particles=4, plates=1)
+        assert math.isfinite(value) and bool(torch.isfinite(gradient).all()) and float(gradient.norm()) > 0
 
 
 def test_our_layers_work_as_init_transform_fn_of_pyros_auto_normalizing_flow():
