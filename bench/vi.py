@@ -44,8 +44,9 @@ with the path-derivative gradient; ``AutoFlowGuideNoSTL`` is the same guide with
 Pyro's ``AutoNormal``, ``AutoMultivariateNormal``, ``AutoIAFNormal``,
 ``AutoNormalizingFlow`` with Pyro's rational-quadratic ``SplineAutoregressive`` layers,
 and zuko's ``NSF`` used as a guide through ``pyro.contrib.zuko.ZukoToPyro``
-(:class:`AutoZukoNSF`). The flow guides get the same depth, hidden sizes, spline bins and
-spline bound (``--transforms``, ``--hidden``, ``--bins``, ``--bound``).
+(:class:`AutoZukoNSF`). The flow guides get the same depth and hidden sizes
+(``--transforms``, ``--hidden``), and the spline guides the same bins and spline bound
+(``--bins``, ``--bound``; ``AutoFlowGuide``'s default flow has no spline).
 
 Protocol. For each target, guide and seed: ``pyro.clear_param_store()``,
 ``pyro.set_rng_seed(seed)``, the guide is built and called once (to create its
