@@ -23,8 +23,8 @@ so that drawing :math:`\theta` and scoring it can be one forward pass: the flow'
 keep their evaluation of a sample they just drew, and ``log_prob`` of that very tensor
 runs no inverse (``get_posterior().rsample_and_log_prob``, and the ELBO with
 ``stl=False``). By default the ELBO instead scores its samples with the parameters held
-fixed (:class:`StickingTheLanding`), a lower-variance gradient that needs one more
-forward pass and the flow's Jacobian, still no inverse.
+fixed (:class:`StickingTheLanding`), a lower-variance gradient that needs the flow's
+Jacobian from the same pass, still no inverse.
 """
 
 from __future__ import annotations
@@ -242,19 +242,16 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
     return made
 
 
-class _FixedParameterFlow(nn.Module):
-    """The flow's score of a value (``"score"``) or its map and log-det from a base
-    sample (``"forward"``) as a module call, so that ``functional_call`` can run either
+class _FixedParameterScore(nn.Module):
+    """``flow().log_prob(value)`` as a module call, so that ``functional_call`` can run it
     with the flow's parameters swapped for detached copies."""
 
     def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, value: Tensor, mode: str) -> Tensor | tuple[Tensor, Tensor]:
-        if mode == "score":
-            return self.flow().log_prob(value)
-        return self.flow.transform.call_and_ladj(value)
+    def forward(self, value: Tensor) -> Tensor:
+        return self.flow().log_prob(value)
 
 
 class StickingTheLanding(FlowDistribution):
@@ -272,11 +269,12 @@ class StickingTheLanding(FlowDistribution):
     zero, so the estimate stays unbiased, and its variance vanishes as :math:`q` reaches
     the posterior.
 
-    For a value this distribution just drew, :math:`z = g(\epsilon)`, no inverse is run:
-    with the parameters detached, one more forward pass from :math:`\epsilon` gives
-    :math:`\log q(z) = \log p_Z(\epsilon) - \log|\det J_g(\epsilon)|`, its gradient
-    :math:`u = \nabla_\epsilon \log q` and the Jacobian :math:`J_g(\epsilon)` (one batched
-    backward pass over the :math:`D` outputs), and
+    For a value this distribution just drew, :math:`z = g(\epsilon)`, neither an inverse
+    nor another forward pass is run: the sampling pass already holds
+    :math:`\log q(z) = \log p_Z(\epsilon) - \log|\det J_g(\epsilon)|`, and its graph gives
+    the gradient :math:`u = \nabla_\epsilon \log q` and the Jacobian :math:`J_g(\epsilon)`
+    (one batched backward pass over the :math:`D` outputs; neither depends on whether the
+    parameters are held fixed), and
 
     .. math::
         \nabla_z \log q(z) = J_g(\epsilon)^{-\top} u ,
@@ -314,7 +312,7 @@ class StickingTheLanding(FlowDistribution):
                  validate_args: bool | None = None) -> None:
         super().__init__(base, transform, None, validate_args=validate_args)
         self.flow = flow
-        self._drawn: tuple[Tensor, Tensor] | None = None
+        self._drawn: tuple[Tensor, Tensor, Tensor] | None = None
 
     def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> "StickingTheLanding":
         return StickingTheLanding(self.base_dist.expand(torch.Size(batch_shape)), self.transform, self.flow,
@@ -322,15 +320,11 @@ class StickingTheLanding(FlowDistribution):
 
     def rsample(self, sample_shape: Sequence[int] = torch.Size(), temperature: float = 1.0) -> Tensor:
         epsilon = self._base_sample(sample_shape, temperature)
-        z = self.transform.call_and_ladj(epsilon, None)[0]
-        self._drawn = (epsilon, z)
+        if torch.is_grad_enabled():
+            epsilon = epsilon.detach().requires_grad_()  # so that the graph reaches it
+        z, ladj = self.transform.call_and_ladj(epsilon, None)
+        self._drawn = (epsilon, z, ladj)
         return z
-
-    def _fixed(self, value: Tensor, mode: str) -> Any:
-        fixed = {"flow." + name: p.detach() for name, p in self.flow.named_parameters()}
-        # a new tensor object: the layers' caches only answer for the very tensor they made,
-        # whose graph runs through the live parameters
-        return functional_call(_FixedParameterFlow(self.flow), fixed, (value.view_as(value), mode))
 
     def log_prob(self, value: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -341,16 +335,19 @@ class StickingTheLanding(FlowDistribution):
                           "silence this", RuntimeWarning, stacklevel=2)
             return super().log_prob(value)
         value = self._check_value(value)
-        if self._drawn is None or value is not self._drawn[1]:
-            return self._fixed(value, "score")
-        epsilon = self._drawn[0].detach().requires_grad_()
-        z, ladj = self._fixed(epsilon, "forward")
+        if self._drawn is None or value is not self._drawn[1] or not self._drawn[0].requires_grad:
+            fixed = {"flow." + name: p.detach() for name, p in self.flow.named_parameters()}
+            # a new tensor object: the layers' caches only answer for the very tensor they
+            # made, whose graph runs through the live parameters
+            return functional_call(_FixedParameterScore(self.flow), fixed, (value.view_as(value),))
+        epsilon, z, ladj = self._drawn
         log_q = self.base_dist.log_prob(epsilon) - ladj
         (u,) = torch.autograd.grad(log_q.sum(), epsilon, retain_graph=True)
         features = z.shape[-1]
         basis = torch.eye(features, dtype=z.dtype, device=z.device).reshape(
             (features,) + (1,) * (z.dim() - 1) + (features,)).expand((features,) + z.shape)
-        (rows,) = torch.autograd.grad(z, epsilon, basis, is_grads_batched=True)  # rows[i] = dz_i / d epsilon
+        # rows[i] = dz_i / d epsilon; the graph stays for the ELBO's own backward pass
+        (rows,) = torch.autograd.grad(z, epsilon, basis, retain_graph=True, is_grads_batched=True)
         jacobian = rows.movedim(0, -2)
         slope = torch.linalg.solve(jacobian.transpose(-1, -2).double(), u.double().unsqueeze(-1))
         slope = slope.squeeze(-1).to(value.dtype)
@@ -365,9 +362,9 @@ class AutoFlowGuide(AutoContinuous):
     the guide's samples with the flow's parameters held fixed (:class:`StickingTheLanding`):
     the gradient estimate stays unbiased and its noise vanishes as the guide reaches the
     posterior, which on ``bench/vi.py``'s funnel and banana cuts the gap left after 3000
-    steps about 4-fold and 17-fold. It costs one more forward pass and a Jacobian (about
-    twice the time of a plain step up to :math:`D = 30` latent dimensions, 5.3 times at
-    :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the
+    steps about 4-fold and 17-fold. It costs a Jacobian from the sampling pass's graph (1.5
+    to 1.8 times the time of a plain step up to :math:`D = 30` latent dimensions, 5.3 times
+    at :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the
     sampling pass. It works
     with :class:`~pyro.infer.Trace_ELBO` (also with ``vectorize_particles=True``),
     :class:`~pyro.infer.Predictive` and, when every latent site has real support,
