@@ -1,3 +1,4 @@
+import pyro
 import pytest
 import torch
 
@@ -23,3 +24,11 @@ def pytest_generate_tests(metafunc):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    """Every test starts and ends with an empty Pyro parameter store."""
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()

@@ -23,13 +23,6 @@ from pyro_flowpack.infer import AmortizedFlow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vae_flow.py"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def encoder(inputs: int = 6, context: int = 4, hidden: int = 16) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, context))
 

@@ -25,11 +25,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "svi_guide.py"
 
 
 @pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+def _seeded():
+    pyro.set_rng_seed(0)  # also Python's and NumPy's generators (the conftest clears the param store)
 
 
 def constrained_model():

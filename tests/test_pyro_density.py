@@ -30,13 +30,6 @@ from cases import CASES, make_flow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pyro_density.py"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def perturbed(flow: pf.Flow, scale: float = 0.3, seed: int = 0) -> pf.Flow:
     """The flow in float64 with its parameters moved away from the identity."""
     torch.manual_seed(seed)
