@@ -37,8 +37,8 @@ from ..transforms.normalization import ActNorm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
 from .distributed import Distributed, all_reduce, setup, shard
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "fit", "evaluate_nll", "evaluate_iw_nll", "read_metrics",
-           "RUN_FILES"]
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "fit", "evaluate_nll", "evaluate_iw_nll",
+           "read_metrics", "RUN_FILES"]
 
 #: The files :func:`fit` keeps in a run folder.
 RUN_FILES = {
