@@ -361,8 +361,8 @@ class AutoFlowGuide(AutoContinuous):
     Sampling the guide is one forward pass. By default (``stl=True``) the ELBO scores
     the guide's samples with the flow's parameters held fixed (:class:`StickingTheLanding`):
     the gradient estimate stays unbiased and its noise vanishes as the guide reaches the
-    posterior, which on ``bench/vi.py``'s funnel and banana cuts the gap left after 3000
-    steps about 4-fold and 17-fold. It costs a Jacobian from the sampling pass's graph (1.5
+    posterior, which on ``bench/vi.py``'s funnel cuts the gap left after 3000 steps about
+    3.6-fold. It costs a Jacobian from the sampling pass's graph (1.5
     to 1.8 times the time of a plain step up to :math:`D = 30` latent dimensions, 5.3 times
     at :math:`D = 100`; ``bench/stl_cost.py``). With ``stl=False`` the score reuses the
     sampling pass. It works
