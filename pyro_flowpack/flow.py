@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import pyro.distributions as pdist
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 import torch
 import torch.nn as nn
 from torch import Size, Tensor
-from torch.distributions import Distribution, Independent, Normal, Transform
+from torch.distributions import Distribution, Independent, Transform
 
 from .transforms.base import Compose, FlowTransform, check_finite, check_like, check_tensor
 
@@ -32,9 +33,14 @@ class FlowDistribution(pdist.TransformedDistribution):
     A value that was just sampled is scored without inverting the layers: each layer
     reuses its own evaluation while its parameters are unchanged.
 
+    Its :attr:`transform` is the bijection :math:`f` bound to the context, in the
+    sampling direction (base to data), Pyro's convention: ``d.transform(z)`` is a
+    sample for a base draw ``z``. zuko's ``NormalizingFlow.transform`` runs the other
+    way, from data to base.
+
     Arguments:
         base: The base distribution :math:`p_Z`, with the distribution's batch shape.
-        transform: The bijection :math:`f`, base side to data side.
+        transform: The bijection :math:`f`, base side to data side, unbound.
         context: The context tensor of a conditional flow, of shape ``(..., C)``.
         validate_args: Whether to validate arguments (torch's default if ``None``).
     """
@@ -46,14 +52,17 @@ class FlowDistribution(pdist.TransformedDistribution):
         context: Tensor | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        self.transform = transform
+        self._unbound = transform
+        #: The context of a conditional flow (``None`` if unconditional).
         self.context = context
-        super().__init__(base, [transform.condition(context)], validate_args=validate_args)
+        #: The bijection bound to the context, base side to data side.
+        self.transform = transform.condition(context)
+        super().__init__(base, [self.transform], validate_args=validate_args)
 
     def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> "FlowDistribution":
         batch_shape = Size(batch_shape)
         return FlowDistribution(
-            self.base_dist.expand(batch_shape), self.transform, self.context, validate_args=self._validate_args
+            self.base_dist.expand(batch_shape), self._unbound, self.context, validate_args=self._validate_args
         )
 
     def _check_value(self, value: Tensor) -> Tensor:
@@ -69,7 +78,7 @@ class FlowDistribution(pdist.TransformedDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         value = self._check_value(value)
-        z, ladj = self.transform.inverse_and_ladj(value, self.context)
+        z, ladj = self.transform.inverse_and_ladj(value)
         return self.base_dist.log_prob(z) - ladj
 
     def _base_sample(self, sample_shape: Sequence[int], temperature: float) -> Tensor:
@@ -86,7 +95,7 @@ class FlowDistribution(pdist.TransformedDistribution):
         is :math:`z = \mu + T (z_0 - \mu)`, Glow's reduced-temperature sampling for a
         Gaussian base."""
         z = self._base_sample(sample_shape, temperature)
-        return self.transform.call_and_ladj(z, self.context)[0]
+        return self.transform.call_and_ladj(z)[0]
 
     def sample(self, sample_shape: Sequence[int] = Size(), temperature: float = 1.0) -> Tensor:
         r"""Draws samples without gradients (integers, as ``torch.long``, when the flow
@@ -98,12 +107,22 @@ class FlowDistribution(pdist.TransformedDistribution):
     def rsample_and_log_prob(self, sample_shape: Sequence[int] = Size()) -> tuple[Tensor, Tensor]:
         r"""Returns samples :math:`x = f(z)` and their log-density in one forward pass."""
         z = self.base_dist.rsample(Size(sample_shape))
-        x, ladj = self.transform.call_and_ladj(z, self.context)
+        x, ladj = self.transform.call_and_ladj(z)
         return x, self.base_dist.log_prob(z) - ladj
 
 
 def _standard_normal(shape: Size) -> Distribution:
-    return Independent(Normal(torch.zeros(shape), torch.ones(shape)), len(shape))
+    return pdist.Normal(torch.zeros(shape), torch.ones(shape)).to_event(len(shape))
+
+
+def _pyro_class(cls: type) -> type:
+    """Pyro's wrapper of a torch distribution class (``pyro.distributions.Normal`` for
+    ``torch.distributions.Normal``), so that the base has Pyro's methods (``mask``,
+    ``to_event``) that Pyro's inference code calls; the class itself if it has none."""
+    if issubclass(cls, TorchDistributionMixin):
+        return cls
+    wrapper = getattr(pdist, cls.__name__, None)
+    return wrapper if isinstance(wrapper, type) and issubclass(wrapper, cls) else cls
 
 
 class Flow(nn.Module):
@@ -118,7 +137,10 @@ class Flow(nn.Module):
         transforms: The layers, from the base side to the data side: pyro-flowpack
             layers or any :class:`torch.distributions.Transform`.
         base: The base distribution (default: a standard normal over the event shape of
-            the first layer). Its tensor parameters become buffers.
+            the first layer). Its tensor parameters become buffers, and it is rebuilt as
+            the Pyro distribution of the same class (``pyro.distributions.Normal`` for
+            ``torch.distributions.Normal``), so that Pyro's inference code can call
+            Pyro's methods on it.
 
     Example:
         >>> flow = Flow([AffineCoupling(2), Reverse(2), AffineCoupling(2)])
@@ -155,7 +177,7 @@ class Flow(nn.Module):
     def _store_base(self, dist: Distribution, prefix: str) -> tuple:
         if isinstance(dist, Independent):
             inner = self._store_base(dist.base_dist, prefix)
-            return (type(dist), dist.reinterpreted_batch_ndims, inner)
+            return (_pyro_class(type(dist)), dist.reinterpreted_batch_ndims, inner)
         names = {}
         for name in dist.arg_constraints:
             value = vars(dist).get(name)
@@ -164,7 +186,7 @@ class Flow(nn.Module):
                 self.register_buffer(names[name], value.detach().clone())
         if not names:
             raise TypeError(f"Flow: cannot store the base distribution {type(dist).__name__}: no tensor parameters")
-        return (type(dist), names)
+        return (_pyro_class(type(dist)), names)
 
     def _build_base(self, recipe: tuple) -> Distribution:
         if len(recipe) == 3:
@@ -191,7 +213,7 @@ class Flow(nn.Module):
                 module.clear_cache()
 
     def base(self) -> Distribution:
-        """The base distribution, built from the flow's buffers."""
+        """The base distribution, a Pyro distribution built from the flow's buffers."""
         return self._build_base(self._base_recipe)
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:

@@ -24,7 +24,8 @@ class NICE(Flow):
     on the data side, initialised from the first batch).
 
     Arguments:
-        features: The number of features (at least 2).
+        features: The number of features (with one, each layer transforms it with
+            parameters from the context alone, or learned constants without context).
         context: The number of context features.
         transforms: The number of coupling layers.
         hidden: The hidden sizes of each conditioner.
@@ -50,7 +51,8 @@ class RealNVP(Flow):
     r"""RealNVP: affine coupling layers with alternating masks and soft-clamped scales.
 
     Arguments:
-        features: The number of features (at least 2).
+        features: The number of features (with one, each layer transforms it with
+            parameters from the context alone, or learned constants without context).
         context: The number of context features.
         transforms: The number of coupling layers.
         hidden: The hidden sizes of each conditioner.

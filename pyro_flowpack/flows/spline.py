@@ -19,7 +19,8 @@ class NSF(Flow):
     ``autoregressive=True``, in MAF form (alternating orders; one-pass density).
 
     Arguments:
-        features: The number of features (at least 2 in coupling form).
+        features: The number of features (with one, each coupling layer transforms it
+            with parameters from the context alone, or learned constants without context).
         context: The number of context features.
         transforms: The number of layers.
         hidden: The hidden sizes of each conditioner.

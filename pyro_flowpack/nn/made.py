@@ -35,12 +35,21 @@ class MADE(nn.Module):
     (and on the context, if any).
 
     Each input feature gets a degree :math:`m(i) \in \{1, \dots, D\}` from ``order``;
-    hidden units get degrees in :math:`\{1, \dots, D - 1\}`, spread evenly and sorted, so
-    any hidden size works, including sizes smaller than :math:`D` (Pyro's
-    ``AutoRegressiveNN`` refuses those). A hidden unit of degree :math:`m` sees inputs of
-    degree :math:`\le m`; an output of feature :math:`i` sees hidden units of degree
-    :math:`< m(i)`. Context features reach every hidden unit. The outputs are laid out
-    as ``(..., D, params)`` and the last layer is initialised at zero.
+    hidden units get degrees spread evenly and sorted over :math:`\{1, \dots, D - 1\}`,
+    or over :math:`\{0, \dots, D - 1\}` when there is a context, so any hidden size
+    works, including sizes smaller than :math:`D` (Pyro's ``AutoRegressiveNN`` refuses
+    those). A hidden unit of degree :math:`m` sees inputs of degree :math:`\le m`; an
+    output of feature :math:`i` sees hidden units of degree :math:`< m(i)`.
+
+    Context features have degree 0, so they reach every hidden unit, and with a context
+    every hidden layer starts with units of degree 0, which see the context alone: they
+    carry the context to the outputs of the first feature in the order (degree 1), which
+    see no input feature. Without them those outputs would be constants and the layer
+    would ignore the context for that feature. We chose these units over a direct linear
+    path from the context to the outputs so that the first feature depends on the context
+    through the same non-linear network as the others. Without a context the outputs of
+    the first feature are learned constants (the biases of the last layer). The outputs
+    are laid out as ``(..., D, params)`` and the last layer is initialised at zero.
 
     Arguments:
         features: The number of features :math:`D`.
@@ -55,6 +64,9 @@ class MADE(nn.Module):
         >>> made = MADE(5, params=2, hidden=(3,))
         >>> made(torch.randn(7, 5)).shape
         torch.Size([7, 5, 2])
+        >>> one = MADE(1, params=2, context=3, hidden=(8,))  # one feature: the context alone
+        >>> one(torch.randn(7, 1), torch.randn(7, 3)).shape
+        torch.Size([7, 1, 2])
 
     References:
         | MADE: Masked Autoencoder for Distribution Estimation (Germain et al., 2015)
@@ -87,9 +99,11 @@ class MADE(nn.Module):
         degrees_in = order + 1
         layers: list[nn.Module] = []
         previous = torch.cat((degrees_in, torch.zeros(context, dtype=torch.long)))
+        lowest = 0 if context else 1
         for i, h in enumerate(hidden):
-            # evenly spread, sorted degrees in 1..D-1 (all 1 when D = 1)
-            degrees = 1 + torch.arange(h) * max(features - 1, 1) // h
+            # evenly spread, sorted degrees in lowest..D-1 (all 1 when D = 1 without a
+            # context); with a context the first unit of every layer has degree 0
+            degrees = lowest + torch.arange(h) * max(features - lowest, 1) // h
             if i > 0:
                 layers.append(activation())
             layers.append(MaskedLinear(degrees[:, None] >= previous[None, :]))

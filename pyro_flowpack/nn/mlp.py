@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["MLP", "cat_context"]
+__all__ = ["MLP", "Constant", "cat_context"]
 
 
 def cat_context(h: Tensor, context: Tensor | None) -> Tensor:
@@ -60,3 +60,29 @@ class MLP(nn.Sequential):
             nn.init.zeros_(layers[-1].weight)
             nn.init.zeros_(layers[-1].bias)
         super().__init__(*layers)
+
+
+class Constant(nn.Module):
+    r"""A conditioner with nothing to read: learned constants :math:`\theta \in \mathbb{R}^m`,
+    initialised at zero, returned for every element of the input's batch shape.
+
+    It is the conditioner of a coupling layer over one feature without context, which
+    has no pass-through feature: the layer is then the monotone map with learned
+    parameters.
+
+    Arguments:
+        out_features: The number of outputs :math:`m`.
+
+    Example:
+        >>> net = Constant(4)
+        >>> net(torch.randn(5, 0)).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Returns the constants, of shape ``(*h.shape[:-1], out_features)``."""
+        return self.value.expand(*h.shape[:-1], self.value.shape[0])

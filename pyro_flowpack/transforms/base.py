@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import Size, Tensor
 from torch.distributions import Distribution, Transform, constraints
@@ -118,8 +119,16 @@ class _CacheEntry:
         return self.key == (state, self._versions(self.x, self.y, self.context))
 
 
-class FlowTransform(TransformModule):
+class FlowTransform(TransformModule, ConditionalTransformModule):
     r"""Base class of every pyro-flowpack layer.
+
+    Every layer is both a Pyro ``TransformModule`` and a Pyro
+    ``ConditionalTransformModule``, so that it works in Pyro's conditional API
+    (``ConditionalTransformedDistribution``, ``ConditionalComposeTransformModule``):
+    ``condition(context)`` binds a conditional layer to a context and returns an
+    unconditional layer itself. ``layer.inv`` is torch's inverse transform for an
+    unconditional layer and Pyro's conditional inverse for a conditional one, so that
+    ``layer.inv.condition(context)`` is the bound layer's inverse.
 
     It adds to Pyro's ``TransformModule``:
 
@@ -302,6 +311,15 @@ class FlowTransform(TransformModule):
             return self
         return ConditionedTransform(self, self._check_context(context))
 
+    @property
+    def inv(self) -> Transform:
+        """The inverse: torch's for an unconditional layer, Pyro's conditional inverse
+        (whose ``condition(context)`` is ``self.condition(context).inv``) for a conditional
+        one. Use :class:`Inverse` for an inverse that is itself a layer."""
+        if self.context_shape:
+            return ConditionalTransformModule.inv.fget(self)
+        return Transform.inv.fget(self)
+
     def with_cache(self, cache_size: int = 1) -> "FlowTransform":
         return self  # the cache is built in and never stale
 
@@ -346,6 +364,10 @@ class ConditionedTransform(FlowTransform):
     @property
     def output_shape(self) -> Size:
         return self.layer.output_shape
+
+    @property
+    def discrete_output(self) -> bool:
+        return self.layer.discrete_output
 
     def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.layer.call_and_ladj(x, self.context)

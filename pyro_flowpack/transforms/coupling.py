@@ -8,7 +8,9 @@ With a boolean mask :math:`b` (``True`` for the features that pass through),
     \log |\det J| = \sum_{i \in \bar b} \log \partial_x \tau_i ,
 
 so both directions and the log-determinant take one pass of the conditioner
-:math:`\theta`. A family is a :class:`Coupling` with a monotone map:
+:math:`\theta`. A vector of one feature has nothing to pass through: the feature is
+transformed by the monotone map, its parameters computed from the context alone (or
+learned constants without a context). A family is a :class:`Coupling` with a monotone map:
 :class:`AdditiveCoupling` (NICE), :class:`AffineCoupling` (RealNVP) and
 :class:`SplineCoupling` (neural spline flows).
 """
@@ -21,8 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Size, Tensor
 
-from ..nn import MLP, ConvResNet, cat_channels, cat_context
-from .base import FlowTransform, as_shape, check_features
+from ..nn import MLP, Constant, ConvResNet, cat_channels, cat_context
+from .base import FlowTransform, as_shape
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -40,7 +42,18 @@ def coupling_mask(shape: ShapeOrFeatures, mask: MaskLike = "half", flip: bool = 
             ``"alternating"`` (even positions); for images, ``"checkerboard"`` (pixels
             whose row plus column is even) or ``"channel"`` (the first
             :math:`\lceil C/2 \rceil` channels); or any boolean tensor of the event shape.
-        flip: Whether to negate the mask (used to alternate masks between layers).
+            For one feature every named mask is ``[False]`` (nothing passes through).
+        flip: Whether to negate the mask (used to alternate masks between layers); a
+            one-feature mask stays ``[False]``.
+
+    A mask may not be all ``True`` (the identity). On vectors it may be all ``False``:
+    every feature is then transformed with parameters from the context alone.
+
+    Example:
+        >>> coupling_mask(5, "alternating").tolist()
+        [True, False, True, False, True]
+        >>> coupling_mask(1, "half", flip=True).tolist()
+        [False]
     """
     shape = as_shape(shape)
     names = {1: ("half", "alternating"), 3: ("checkerboard", "channel")}.get(len(shape))
@@ -52,6 +65,8 @@ def coupling_mask(shape: ShapeOrFeatures, mask: MaskLike = "half", flip: bool = 
                 f"mask must be {names[0]!r}, {names[1]!r} or a boolean tensor for event shape "
                 f"{tuple(shape)}, got {mask!r}"
             )
+        if shape == (1,):  # one feature: nothing can pass through
+            return torch.zeros(1, dtype=torch.bool)
         if mask in ("half", "channel"):
             index = torch.arange(shape[0]).reshape(-1, *([1] * (len(shape) - 1)))
             result = (index < (shape[0] + 1) // 2).expand(shape)
@@ -68,11 +83,10 @@ def coupling_mask(shape: ShapeOrFeatures, mask: MaskLike = "half", flip: bool = 
             raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(result.shape)}")
     if flip:
         result = ~result
-    if result.all() or not result.any():
-        raise ValueError(
-            f"mask must have at least one True (pass-through) and one False (transformed) "
-            f"entry, got {result.int().tolist()}"
-        )
+    if result.all() or (len(shape) == 3 and not result.any()):
+        what = "one False (transformed) entry" if len(shape) == 1 else \
+            "one True (pass-through) and one False (transformed) entry"
+        raise ValueError(f"mask must have at least {what}, got {result.int().tolist()}")
     return result.contiguous()
 
 
@@ -86,8 +100,8 @@ class Coupling(FlowTransform):
     entry. An image-shaped context ``(C', H, W)`` is concatenated to its input channels.
 
     Arguments:
-        features: The number of features :math:`D` (at least 2), or an image shape
-            ``(C, H, W)``.
+        features: The number of features :math:`D` (one feature is transformed with
+            parameters from the context alone), or an image shape ``(C, H, W)``.
         monotone: The elementwise monotone map :math:`\tau`.
         mask: The pass-through mask (see :func:`coupling_mask`).
         context: The number of context features, or the shape of an image context.
@@ -112,8 +126,6 @@ class Coupling(FlowTransform):
         blocks: int = 2,
     ) -> None:
         shape = as_shape(features)
-        if len(shape) == 1:
-            check_features(type(self).__name__, shape[0], minimum=2)
         super().__init__(shape, context)
         self.monotone = monotone
         if len(shape) == 3 and mask == "half":
@@ -142,7 +154,10 @@ class Coupling(FlowTransform):
         else:
             if len(self.context_shape) > 1:
                 raise ValueError(f"{type(self).__name__} on vectors takes a vector context, got {tuple(self.context_shape)}")
-            self.conditioner = MLP(n_a + self.context_features, n_b * P, hidden, activation)
+            if n_a + self.context_features == 0:  # nothing to read: learned parameters
+                self.conditioner = Constant(n_b * P)
+            else:
+                self.conditioner = MLP(n_a + self.context_features, n_b * P, hidden, activation)
 
     def _channels(self, hidden: Sequence[int] | int) -> int:
         if len(self.context_shape) not in (0, 3) or self.context_shape[1:] not in (Size(), self.event_shape[1:]):
