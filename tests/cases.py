@@ -34,6 +34,7 @@ from pyro_flowpack.transforms import (
     Reverse,
     SplineCoupling,
 )
+from pyro_flowpack.transforms.coupling import coupling_mask
 
 FEATURES = 5
 CONTEXT = 3
@@ -56,6 +57,11 @@ class Case:
     base_bound: float = 10.0  # the largest |x| on the base side where the layer is defined
     context_shape: tuple[int, ...] = (CONTEXT,)  # the shape of the context when conditional
     tolerance: float = 0.0  # a floor on the battery's absolute tolerances (numerical inverses)
+    # the entries (flattened) of the sampling direction's output that do not depend on
+    # the context by design (the pass-through features of a single coupling layer), and
+    # those of the density direction's output (the same unless given)
+    context_free: tuple[int, ...] = ()
+    context_free_base: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return self.name
@@ -81,13 +87,28 @@ def _layer(make: Callable[[int], object]) -> Callable[[int], pf.Flow]:
     return lambda context: pf.Flow([make(context)])
 
 
+def _passing(mask: torch.Tensor) -> tuple[int, ...]:
+    """The flattened indices of a coupling mask's pass-through entries."""
+    return tuple(mask.flatten().nonzero().flatten().tolist())
+
+
+HALF = _passing(coupling_mask(FEATURES, "half"))
+
+
 LAYERS = [
-    Case("AffineCoupling", _layer(lambda c: AffineCoupling(FEATURES, context=c, hidden=HIDDEN))),
-    Case("AdditiveCoupling", _layer(lambda c: AdditiveCoupling(FEATURES, "alternating", c, HIDDEN))),
-    Case("SplineCoupling", _layer(lambda c: SplineCoupling(FEATURES, context=c, hidden=HIDDEN, bins=4, bound=3.0))),
+    Case("AffineCoupling", _layer(lambda c: AffineCoupling(FEATURES, context=c, hidden=HIDDEN)), context_free=HALF),
+    Case("AdditiveCoupling", _layer(lambda c: AdditiveCoupling(FEATURES, "alternating", c, HIDDEN)),
+         context_free=_passing(coupling_mask(FEATURES, "alternating"))),
+    Case("SplineCoupling", _layer(lambda c: SplineCoupling(FEATURES, context=c, hidden=HIDDEN, bins=4, bound=3.0)),
+         context_free=HALF),
     Case(
         "AffineCoupling-boolmask",
         _layer(lambda c: AffineCoupling(FEATURES, torch.tensor([True, False, False, True, False]), c, HIDDEN)),
+        context_free=(0, 3),
+    ),
+    Case(  # nothing passes through: every feature is transformed from the context alone
+        "AffineCoupling-nothing-passes",
+        _layer(lambda c: AffineCoupling(FEATURES, torch.zeros(FEATURES, dtype=torch.bool), c, HIDDEN)),
     ),
     Case("MaskedAffineAutoregressive", _layer(lambda c: MaskedAffineAutoregressive(FEATURES, c, HIDDEN))),
     Case(
@@ -97,7 +118,8 @@ LAYERS = [
     Case("MaskedSplineAutoregressive", _layer(lambda c: MaskedSplineAutoregressive(FEATURES, c, HIDDEN, bins=4))),
     Case("Inverse-MaskedSplineAutoregressive",
          _layer(lambda c: Inverse(MaskedSplineAutoregressive(FEATURES, c, HIDDEN, bins=4)))),
-    Case("Inverse-AffineCoupling", _layer(lambda c: Inverse(AffineCoupling(FEATURES, context=c, hidden=HIDDEN)))),
+    Case("Inverse-AffineCoupling", _layer(lambda c: Inverse(AffineCoupling(FEATURES, context=c, hidden=HIDDEN))),
+         context_free=HALF),
     Case("Permute", _layer(lambda c: Permute.random(FEATURES)), conditional=False),
     Case("Reverse", _layer(lambda c: Reverse(FEATURES)), conditional=False),
     Case("LULinear", _layer(lambda c: LULinear(FEATURES)), conditional=False),
@@ -106,11 +128,32 @@ LAYERS = [
     Case(
         "Compose",
         _layer(lambda c: Compose(LULinear(FEATURES), AffineCoupling(FEATURES, context=c, hidden=HIDDEN), Reverse(FEATURES))),
+        context_free=tuple(FEATURES - 1 - i for i in HALF), context_free_base=(),  # LULinear mixes them
     ),
+]
+
+# one feature: a coupling layer has nothing to pass through and transforms the feature
+# with parameters from the context alone (learned constants without a context); an
+# autoregressive layer's only feature is the first of its order
+ONE = (1,)
+
+
+def _one(name: str, make: Callable[[int], object], **options) -> Case:
+    return Case(name, _layer(make), shape=ONE, **options)
+
+
+LAYERS += [
+    _one("AffineCoupling-1", lambda c: AffineCoupling(1, context=c, hidden=HIDDEN)),
+    _one("AdditiveCoupling-1", lambda c: AdditiveCoupling(1, context=c, hidden=HIDDEN)),
+    _one("SplineCoupling-1", lambda c: SplineCoupling(1, context=c, hidden=HIDDEN, bins=4, bound=3.0)),
+    _one("MaskedAffineAutoregressive-1", lambda c: MaskedAffineAutoregressive(1, c, HIDDEN)),
+    _one("Inverse-MaskedSplineAutoregressive-1", lambda c: Inverse(MaskedSplineAutoregressive(1, c, HIDDEN, bins=4))),
 ]
 
 IMAGE = (2, 4, 4)
 IMAGE_CONTEXT = (1, 4, 4)
+CHECKERBOARD = _passing(coupling_mask(IMAGE, "checkerboard"))
+CHANNEL = _passing(coupling_mask(IMAGE, "channel"))
 
 
 def _unit(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -125,11 +168,14 @@ def _image(make: Callable[[object], object], **options) -> Case:
 
 
 LAYERS += [
-    _image(lambda c: AffineCoupling(IMAGE, "checkerboard", c, hidden=8, blocks=1), name="AffineCoupling-checkerboard"),
-    _image(lambda c: AffineCoupling(IMAGE, "channel", c, hidden=8, blocks=1), name="AffineCoupling-channel"),
+    _image(lambda c: AffineCoupling(IMAGE, "checkerboard", c, hidden=8, blocks=1), name="AffineCoupling-checkerboard",
+           context_free=CHECKERBOARD),
+    _image(lambda c: AffineCoupling(IMAGE, "channel", c, hidden=8, blocks=1), name="AffineCoupling-channel",
+           context_free=CHANNEL),
     _image(lambda c: SplineCoupling(IMAGE, "checkerboard", c, hidden=8, bins=4, blocks=1),
-           name="SplineCoupling-checkerboard"),
-    _image(lambda c: AdditiveCoupling(IMAGE, "channel", c, hidden=8, blocks=0), name="AdditiveCoupling-channel"),
+           name="SplineCoupling-checkerboard", context_free=CHECKERBOARD),
+    _image(lambda c: AdditiveCoupling(IMAGE, "channel", c, hidden=8, blocks=0), name="AdditiveCoupling-channel",
+           context_free=CHANNEL),
     _image(lambda c: ActNorm(IMAGE), name="ActNorm-image", conditional=False),
     _image(lambda c: Logit(IMAGE), name="Logit", conditional=False, data=_unit, base_bound=4.0),
     _image(lambda c: Logit(IMAGE, alpha=0.0), name="Logit-alpha0", conditional=False, data=_unit, base_bound=4.0),
@@ -154,6 +200,17 @@ BUILDERS = [
         lambda c: pf.flows.NSF(FEATURES, c, transforms=2, hidden=HIDDEN, bins=4, autoregressive=True),
         layer=False,
     ),
+]
+
+BUILDERS += [
+    Case("NICE-1", lambda c: pf.flows.NICE(1, c, transforms=2, hidden=HIDDEN), layer=False, shape=ONE),
+    Case("RealNVP-1", lambda c: pf.flows.RealNVP(1, c, transforms=2, hidden=HIDDEN), layer=False, shape=ONE),
+    Case("MAF-1", lambda c: pf.flows.MAF(1, c, transforms=2, hidden=HIDDEN), layer=False, shape=ONE),
+    Case("IAF-1", lambda c: pf.flows.IAF(1, c, transforms=2, hidden=HIDDEN), layer=False, shape=ONE),
+    Case("NSF-1", lambda c: pf.flows.NSF(1, c, transforms=2, hidden=HIDDEN, bins=4), layer=False, shape=ONE),
+    Case("NSF-autoregressive-1",
+         lambda c: pf.flows.NSF(1, c, transforms=2, hidden=HIDDEN, bins=4, autoregressive=True),
+         layer=False, shape=ONE),
 ]
 
 BUILDERS += [
@@ -185,6 +242,10 @@ BUILDERS += [
     Case("from_zuko-NAF", _zuko(lambda z, c: z.NAF(FEATURES, c, transforms=1, hidden_features=HIDDEN)),
          layer=False, base_bound=4.0, tolerance=1e-5),
     # an adaptive ODE solve both ways, to atol = rtol = 1e-5 (zuko relaxes the trace 100-fold: 1e-3)
+    Case("from_zuko-MAF-1", _zuko(lambda z, c: z.MAF(1, c, transforms=2, hidden_features=HIDDEN)),
+         layer=False, shape=ONE),
+    Case("CNF-1", lambda c: pf.flows.CNF(1, c, hidden=(8, 8), atol=1e-5, rtol=1e-5), layer=False, shape=ONE,
+         tolerance=5e-3),
     Case("CNF", lambda c: pf.flows.CNF(2, c, hidden=(8, 8), atol=1e-5, rtol=1e-5), layer=False, shape=(2,),
          tolerance=5e-3),
 ]

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mlp import cat_context
+from .mlp import Constant, cat_context
 
 __all__ = ["MaskedLinear", "MADE"]
 
@@ -48,8 +48,10 @@ class MADE(nn.Module):
     would ignore the context for that feature. We chose these units over a direct linear
     path from the context to the outputs so that the first feature depends on the context
     through the same non-linear network as the others. Without a context the outputs of
-    the first feature are learned constants (the biases of the last layer). The outputs
-    are laid out as ``(..., D, params)`` and the last layer is initialised at zero.
+    the first feature are learned constants (the biases of the last layer), and with one
+    feature and no context the network is just those constants
+    (:class:`~pyro_flowpack.nn.Constant`). The outputs are laid out as
+    ``(..., D, params)`` and the last layer is initialised at zero.
 
     Arguments:
         features: The number of features :math:`D`.
@@ -96,6 +98,9 @@ class MADE(nn.Module):
         self.features, self.params, self.context = features, params, context
         self.register_buffer("order", order)
 
+        if features == 1 and not context:  # no output sees anything: learned constants
+            self.net = Constant(params)
+            return
         degrees_in = order + 1
         layers: list[nn.Module] = []
         previous = torch.cat((degrees_in, torch.zeros(context, dtype=torch.long)))
