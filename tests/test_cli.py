@@ -172,7 +172,7 @@ def test_sample_temperature_shrinks_the_spread_and_the_seed_fixes_the_draw(moons
     assert cold.std(0).max() < 0.5 * hot.std(0).min()
 
 
-@pytest.mark.parametrize("features", [2, 3])
+@pytest.mark.parametrize("features", [1, 2, 3])  # 1: the default coupling NSF over one column
 def test_tabular_samples_and_nll_are_in_the_units_of_the_file(features, tmp_path, capsys):
     generator = np.random.default_rng(0)
     mean, std = 100.0 + 50.0 * np.arange(features), 10.0 * (1 + np.arange(features))

@@ -133,11 +133,6 @@ def _iaf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None
 
 def _realnvp(features: int, transforms: int = 6, hidden: Sequence[int] | None = None,
              bound: float = 3.0) -> list[FlowTransform]:
-    if features < 2:
-        raise ValueError(
-            f"flow='realnvp' needs at least 2 latent dimensions (coupling layers split the vector), "
-            f"got {features}; use flow='nsf' or 'iaf'"
-        )
     hidden = _default_hidden(features) if hidden is None else tuple(hidden)
     return [AffineCoupling(features, mask, 0, hidden, bound) for mask in alternating_masks(features, transforms)]
 
@@ -201,7 +196,8 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
               ``bound=5.0`` the spline's half-width); ``affine=True`` whether each block
               has its affine layer; ``log_scale_bounds``, ``hidden`` as for ``"iaf"``;
             * ``"realnvp"``: affine coupling layers (``transforms=6``, ``hidden``,
-              ``bound``), for :math:`D \ge 2`.
+              ``bound``); with :math:`D = 1` each is an affine map with learned
+              constants, nothing being left to condition on.
 
             ``hidden`` defaults to two layers of :math:`\max(64, 4D)` units. Or a builder
             class such as :class:`~pyro_flowpack.flows.NSF`, called as
