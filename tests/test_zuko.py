@@ -74,6 +74,17 @@ def test_from_zuko_samples_map_back_to_the_base_draw_under_zuko(name):
     assert torch.allclose(ladj, -zuko_ladj, rtol=0, atol=100 * tolerance)
 
 
+def test_our_bound_transform_runs_base_to_data_and_zuko_s_data_to_base():
+    """flow(c).transform is the sampling direction (Pyro's convention); zuko's
+    flow(c).transform the normalising one: ours' inverse is zuko's, to 1e-10."""
+    zf = _zuko_flow("MAF", CONTEXT)
+    c = torch.randn(8, CONTEXT, dtype=torch.float64)
+    x = torch.randn(8, FEATURES, dtype=torch.float64)
+    ours = pf.flows.from_zuko(zf, CONTEXT)(c).transform
+    assert torch.allclose(ours.inv(x), zf(c).transform(x), rtol=0, atol=1e-10)
+    assert torch.allclose(ours(zf(c).transform(x)), x, rtol=0, atol=1e-10)
+
+
 def test_from_zuko_keeps_a_non_standard_gaussian_base_in_its_dtype():
     torch.manual_seed(0)
     loc, scale = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 2.0, 1.0])
