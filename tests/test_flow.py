@@ -98,3 +98,57 @@ def test_clear_cache_after_an_update_through_data():
         p.data.add_(0.1)
     flow.clear_cache()
     assert torch.allclose(d.log_prob(y), d.log_prob(y.clone()), atol=1e-6)
+
+
+def test_a_parameter_replaced_by_a_new_tensor_of_the_same_version_invalidates_the_cache():
+    """Assigning a new Parameter whose version counter equals the old one's must not
+    serve the old evaluation: log_prob of the very sample equals a fresh evaluation (1e-6)
+    and differs from the old value."""
+    torch.manual_seed(0)
+    flow = pf.flows.MAF(3, transforms=1, hidden=(8,))
+    layer = flow.transform.parts[0]
+    d = flow()
+    y = d.rsample((5,))
+    before = d.log_prob(y).detach()
+    last = layer.conditioner.net[-1]
+    new = torch.nn.Parameter(torch.randn_like(last.weight))
+    with torch.no_grad():
+        while new._version < last.weight._version:
+            new.mul_(1.0)  # each in-place operation bumps the version by one
+    assert new._version == last.weight._version
+    last.weight = new
+    after = d.log_prob(y)
+    assert torch.allclose(after, d.log_prob(y.clone()), atol=1e-6)
+    assert (after - before).abs().min() > 1e-3
+
+
+def test_load_state_dict_invalidates_the_cache():
+    torch.manual_seed(0)
+    flow, other = pf.flows.NSF(2, transforms=2, hidden=(8,)), pf.flows.NSF(2, transforms=2, hidden=(8,))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = flow()
+    y = d.rsample((5,))
+    d.log_prob(y)
+    flow.load_state_dict(other.state_dict())
+    assert torch.allclose(d.log_prob(y), other().log_prob(y.clone()), atol=1e-6)
+
+
+def test_data_edit_of_a_sample_is_not_seen_until_clear_cache():
+    """The documented limit: a ``.data`` write bypasses version counters, so the cache
+    still answers for the old value; ``flow.clear_cache()`` makes log_prob fresh again,
+    while an ordinary in-place edit is seen at once."""
+    torch.manual_seed(0)
+    flow = pf.flows.MAF(3, transforms=2, hidden=(8,))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = flow()
+    y = d.sample((5,))
+    y.data[0] += 1.0
+    flow.clear_cache()
+    assert torch.allclose(d.log_prob(y), d.log_prob(y.clone()), atol=1e-6)
+    z = d.sample((5,))
+    z[0] += 1.0  # in place: the version counter moves
+    assert torch.allclose(d.log_prob(z), d.log_prob(z.clone()), atol=1e-6)

@@ -87,36 +87,59 @@ def check_finite(name: str, what: str, value: Tensor) -> None:
         raise ValueError(f"{name} got a non-finite {what} (NaN or infinity); expected finite values")
 
 
-def _collect_versions(module: nn.Module, out: list[int]) -> None:
+def _collect_tensors(module: nn.Module, out: list[Tensor]) -> None:
     # a direct walk of the module tree: several times cheaper than .parameters(), and it
     # always sees the current tensors, even after parameters or submodules are replaced
     for t in module._parameters.values():
         if t is not None:
-            out.append(t._version)
+            out.append(t)
     for t in module._buffers.values():
         if t is not None:
-            out.append(t._version)
+            out.append(t)
     for m in module._modules.values():
         if m is not None:
-            _collect_versions(m, out)
+            _collect_tensors(m, out)
+
+
+class _State:
+    """What a layer's evaluation depends on besides its inputs: the grad and train modes,
+    and each parameter and buffer, by identity and version counter (a tensor replaced by
+    another of the same version, or updated in place, both make the state differ)."""
+
+    __slots__ = ("modes", "tensors", "versions")
+
+    def __init__(self, modes: tuple, tensors: list[Tensor]) -> None:
+        self.modes, self.tensors = modes, tensors
+        self.versions = [t._version for t in tensors]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _State)
+            and self.modes == other.modes
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors))
+            and self.versions == other.versions
+        )
+
+    __hash__ = None  # mutable tensors: compared, never hashed
 
 
 class _CacheEntry:
     """One evaluation of a layer: its inputs, outputs, and what it depends on."""
 
-    __slots__ = ("x", "y", "ladj", "context", "source", "key")
+    __slots__ = ("x", "y", "ladj", "context", "source", "state", "versions")
 
-    def __init__(self, x: Tensor, y: Tensor, ladj: Tensor, context: Tensor | None, source: str, state: tuple):
+    def __init__(self, x: Tensor, y: Tensor, ladj: Tensor, context: Tensor | None, source: str, state: _State):
         self.x, self.y, self.ladj, self.context, self.source = x, y, ladj, context, source
-        self.key = (state, self._versions(x, y, context))
+        self.state, self.versions = state, self._versions(x, y, context)
 
     @staticmethod
     def _versions(x: Tensor, y: Tensor, context: Tensor | None) -> tuple:
         return x._version, y._version, None if context is None else context._version
 
-    def valid(self, state: tuple | None) -> bool:
+    def valid(self, state: _State | None) -> bool:
         """Whether the layer's state and the tensors (context included) are unchanged."""
-        return self.key == (state, self._versions(self.x, self.y, self.context))
+        return self.state == state and self.versions == self._versions(self.x, self.y, self.context)
 
 
 class FlowTransform(TransformModule, ConditionalTransformModule):
@@ -138,8 +161,11 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
       its own output (``inverse_and_ladj(y)`` right after ``y = call_and_ladj(x)[0]``, or
       the converse, and for ``log_abs_det_jacobian(x, y)`` of that very pair), only for the
       very same tensor objects, and only while no parameter or buffer of the layer has
-      changed (tracked through tensor version counters, so an ``optimizer.step()``
-      invalidates it), with the same grad mode and train/eval mode;
+      changed (each is tracked by identity and version counter, so an
+      ``optimizer.step()``, ``load_state_dict`` or a parameter replaced by a new tensor
+      invalidates it), with the same grad mode and train/eval mode. Writes through
+      ``.data`` bypass version counters and cannot be seen: call :meth:`clear_cache`
+      (or ``Flow.clear_cache()``) after them;
     * :meth:`condition` for conditional layers (Pyro's conditional API);
     * shape checks with clear errors, and any batch shape.
 
@@ -235,15 +261,15 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
         return x.expand(batch + shape)
 
     # Cache --------------------------------------------------------------------------
-    def _state_key(self) -> tuple | None:
+    def _state_key(self) -> _State | None:
         if not self.caches or torch.is_inference_mode_enabled():
             return None
-        versions: list[int] = []
+        tensors: list[Tensor] = []
+        _collect_tensors(self, tensors)
         try:
-            _collect_versions(self, versions)
+            return _State((torch.is_grad_enabled(), self.training), tensors)
         except RuntimeError:  # inference tensors (made under inference_mode) have no version
             return None
-        return (torch.is_grad_enabled(), self.training, tuple(versions))
 
     def _lookup(self, value: Tensor, context: Tensor | None, source: str) -> _CacheEntry | None:
         """The cached entry computed from ``source`` whose output is ``value``, if still valid."""
