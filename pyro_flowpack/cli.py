@@ -436,11 +436,12 @@ def _to_data_units(x, data):
 
 def _data_units_log_prob(flow, data):
     """``log p(x)`` in the units of the data file (the standardised flow's density, moved)."""
-    device = next(flow.parameters()).device
+    reference = next(flow.parameters())
     if data.standardizer is None:
-        return lambda x: flow().log_prob(x.to(device)).cpu()
+        return lambda x: flow().log_prob(x.to(reference)).cpu()
     s = data.standardizer
-    return lambda x: (flow().log_prob(s.transform(x).to(device)).cpu() - s.log_abs_det())
+    # standardised in double precision, then cast to the flow's dtype
+    return lambda x: (flow().log_prob(s.transform(x.double()).to(reference)).cpu() - s.log_abs_det())
 
 
 def _load(run_dir: Path, which: str, device: str):

@@ -15,7 +15,7 @@ DATA = np.array([[0.5, -2.0, 10.0], [1.25, 3.0, 10.5], [-0.75, 4.5, 9.0], [2.0, 
 
 
 def _expected() -> torch.Tensor:
-    return torch.from_numpy(DATA).float()
+    return torch.from_numpy(DATA)  # float64, the precision of text, integer and float64 files
 
 
 def _write_csv(path, text: str):
@@ -26,18 +26,70 @@ def _write_csv(path, text: str):
 # Round trips of each format.
 
 
-def test_npy_round_trips_as_float32(tmp_path):
+def test_npy_round_trips_in_the_file_s_precision(tmp_path):
     np.save(tmp_path / "x.npy", DATA)
     x = load_tabular(tmp_path / "x.npy")
-    assert x.dtype == torch.float32 and x.shape == (4, 3)
+    assert x.dtype == torch.float64 and x.shape == (4, 3)
     assert torch.equal(x, _expected())
+    np.save(tmp_path / "single.npy", DATA.astype(np.float32))
+    assert torch.equal(load_tabular(tmp_path / "single.npy"), _expected().float())
+    np.save(tmp_path / "half.npy", DATA.astype(np.float16))
+    assert load_tabular(tmp_path / "half.npy").dtype == torch.float32
 
 
-def test_integer_npy_becomes_float32(tmp_path):
-    np.save(tmp_path / "x.npy", np.arange(12, dtype=np.int64).reshape(6, 2))
+def test_integer_npy_becomes_float64_exactly(tmp_path):
+    big = np.array([[2**40 + 1, 1], [2**40 + 3, 2]], dtype=np.int64)  # float32 would round these
+    np.save(tmp_path / "x.npy", big)
     x = load_tabular(str(tmp_path / "x.npy"))
-    assert x.dtype == torch.float32
-    assert torch.equal(x, torch.arange(12.0).reshape(6, 2))
+    assert x.dtype == torch.float64
+    assert torch.equal(x, torch.from_numpy(big).double())
+
+
+def test_high_precision_csv_columns_keep_their_spread_through_standardisation(tmp_path):
+    """The issue's cases: 1e7 + 0.1 N(0, 1) kept 1 of 193 distinct values when cast to
+    float32 before standardising, 12345.678 +- 2e-4 kept 2. Loaded in float64 and
+    standardised there, both keep every distinct value in float32 and have std 1 (1e-6)."""
+    from pyro_flowpack.data import load_data
+
+    generator = np.random.default_rng(0)
+    n = 200
+    table = np.stack([1e7 + 0.1 * generator.standard_normal(n), 12345.678 + 2e-4 * generator.standard_normal(n),
+                      generator.standard_normal(n)], axis=1)
+    path = tmp_path / "precise.csv"
+    np.savetxt(path, table, delimiter=",", fmt="%.17g", header="big,fine,plain", comments="")
+    data = load_data(str(path), valid_fraction=0.1, test_fraction=0.1)
+    assert data.train.dtype == torch.float32
+    for j in range(3):
+        column = data.train[:, j]
+        assert column.unique().numel() == len(column), j
+        assert abs(float(column.double().std(correction=0)) - 1) < 1e-6, j
+    # back in data units, in double precision: each row within 1e-6 of one of the file's
+    # (float32 standardised values: 6e-8 of a standard deviation)
+    back = data.standardizer.inverse(data.train)
+    assert back.dtype == torch.float64
+    rows = torch.from_numpy(table)
+    nearest = (back[:, None, :] - rows[None, :, :]).abs().amax(-1).min(1).values
+    assert float(nearest.max()) < 1e-6
+
+
+def test_constant_and_collapsing_columns_are_refused_naming_the_column(tmp_path):
+    from pyro_flowpack.data import load_data
+
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((100, 3))
+    x[:, 1] = 5.0
+    path = tmp_path / "constant.csv"
+    np.savetxt(path, x, delimiter=",", header="a,b,c", comments="")
+    with pytest.raises(ValueError, match=r"column 'b' \(column 1, counted from 0\) of the train split .* is "
+                                         r"constant \(every row is 5.0\)"):
+        load_data(str(path))
+    x = generator.standard_normal((100, 2))
+    x[:, 0] *= 1e-3
+    x[3, 0] = 3e20  # one finite outlier squeezes the other values together
+    np.save(tmp_path / "outlier.npy", x)
+    with pytest.raises(ValueError, match=r"column 0 \(counted from 0\) of the train split .*: standardised "
+                                         r"and cast to torch.float32, its \d+ distinct values become 2"):
+        load_data(str(tmp_path / "outlier.npy"), seed=0, valid_fraction=0.0, test_fraction=0.2)
 
 
 def test_npz_single_array_and_key(tmp_path):
@@ -117,12 +169,11 @@ def test_nan_reports_count_and_first_position(tmp_path):
     assert "row 2, column 1" in str(error.value) and "nan" in str(error.value)
 
 
-def test_values_beyond_float32_range_are_refused(tmp_path):
+def test_values_beyond_float32_range_are_kept_in_float64(tmp_path):
     data = DATA.copy()
     data[0, 2] = 1e300
     np.save(tmp_path / "x.npy", data)
-    with pytest.raises(ValueError, match=r"1 of the 12 values .* row 0, column 2 .* 1e\+300"):
-        load_tabular(tmp_path / "x.npy")
+    assert load_tabular(tmp_path / "x.npy")[0, 2] == 1e300
 
 
 def test_non_numeric_csv_column_names_header_line_and_value(tmp_path):
@@ -200,17 +251,19 @@ def test_standardised_data_has_mean_zero_and_std_one():
 
 
 def test_inverse_undoes_transform():
-    x = _sample()
+    x = _sample().double()
     standardizer = Standardizer.fit(x)
-    # float32 round trip: a few ulps of each value.
-    torch.testing.assert_close(standardizer.inverse(standardizer.transform(x)), x, rtol=1e-6, atol=1e-5)
+    # computed in double precision both ways: a few ulps of each value
+    torch.testing.assert_close(standardizer.inverse(standardizer.transform(x)), x, rtol=1e-14, atol=1e-12)
+    # a float32 input: standardised values in float32, data units back in float64
+    z = standardizer.transform(x.float())
+    assert z.dtype == torch.float32 and standardizer.inverse(z).dtype == torch.float64
 
 
-def test_constant_column_gets_unit_scale_and_is_centred():
+def test_constant_column_is_refused():
     x = torch.tensor([[1.0, 7.0], [2.0, 7.0], [4.0, 7.0]])
-    standardizer = Standardizer.fit(x)
-    assert standardizer.std[1] == 1.0 and standardizer.mean[1] == 7.0
-    assert torch.equal(standardizer.transform(x)[:, 1], torch.zeros(3))
+    with pytest.raises(ValueError, match=r"column 1 \(counted from 0\) is constant \(every row is 7.0\)"):
+        Standardizer.fit(x)
 
 
 def test_log_abs_det_is_the_density_change():

@@ -2,7 +2,7 @@ r"""Data sets: arrays of samples as tensors. This package knows nothing of flows
 
 from .images import IMAGE_DATASETS, ImageDataset, cifar10, digits, fashion_mnist, image_dataset, mnist
 from .splits import DATA_ALIASES, DATA_NAMES, DataSplits, load_data
-from .tabular import SUPPORTED_SUFFIXES, Standardizer, load_tabular
+from .tabular import SUPPORTED_SUFFIXES, Standardizer, check_columns, column_names, load_tabular
 from .toy import (
     TOY_DATASETS,
     checkerboard,
@@ -33,6 +33,8 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "Standardizer",
     "load_tabular",
+    "check_columns",
+    "column_names",
     "DATA_ALIASES",
     "DATA_NAMES",
     "DataSplits",

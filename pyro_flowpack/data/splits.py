@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .images import IMAGE_DATASETS, image_dataset
-from .tabular import SUPPORTED_SUFFIXES, Standardizer, load_tabular
+from .tabular import SUPPORTED_SUFFIXES, Standardizer, check_columns, column_names, load_tabular
 from .toy import TOY_DATASETS, toy_dataset
 
 __all__ = ["DATA_ALIASES", "DATA_NAMES", "DataSplits", "load_data"]
@@ -210,8 +210,10 @@ def _tabular(
     test, valid, train = (x[index] for index in order.split([n_test, n_valid, n_train]))
     if size is not None:
         train = train[:size]
+    # standardised in the file's precision (float64 for text), then cast for training
+    check_columns(train, torch.float32, column_names(path), f"the train split of {path}")
     standardizer = Standardizer.fit(train)
-    splits = (standardizer.transform(split) for split in (train, valid, test))
+    splits = (standardizer.transform(split).to(torch.float32) for split in (train, valid, test))
     return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer)
 
 

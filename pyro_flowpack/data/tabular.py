@@ -1,8 +1,9 @@
 r"""Tabular data from a user's file, and the standardisation that flows train on.
 
 :func:`load_tabular` reads a matrix of samples, one row per sample and one column per
-feature, from a ``.npy``, ``.npz``, ``.csv`` or ``.pt`` file and returns it as a
-``float32`` tensor of shape ``(N, D)``. Everything that would otherwise surface as an
+feature, from a ``.npy``, ``.npz``, ``.csv`` or ``.pt`` file and returns it in the file's
+precision (``float64`` for text, integers and ``float64`` arrays), as a tensor of shape
+``(N, D)``. Everything that would otherwise surface as an
 obscure failure in the middle of training is checked here, with a message that names
 the file and the offending place: a missing file, an unsupported suffix, an array that
 is not two-dimensional, fewer than two rows, NaN or infinite values, and non-numeric
@@ -15,7 +16,12 @@ the change of variables
 .. math:: \log p_X(x) = \log p_Z\big((x - \mu) / \sigma\big) - \sum_j \log \sigma_j ,
 
 and samples return to data units through :meth:`Standardizer.inverse`. The statistics
-travel in a checkpoint through :meth:`Standardizer.state_dict`.
+travel in a checkpoint through :meth:`Standardizer.state_dict`. Statistics and both maps
+are computed in double precision, so that a column such as :math:`10^7 + 0.1\,\varepsilon`
+keeps its spread: cast to ``float32`` first, it would keep a handful of distinct values.
+:func:`check_columns` refuses the columns a flow cannot be fitted to: constant ones, and
+those whose standardised values would collapse when cast to the training precision (an
+enormous outlier squeezes every other value of its column together).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_SUFFIXES", "Standardizer", "load_tabular"]
+__all__ = ["SUPPORTED_SUFFIXES", "Standardizer", "load_tabular", "check_columns", "column_names"]
 
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".csv", ".pt")
 
@@ -36,27 +42,28 @@ SUPPORTED_SUFFIXES = (".npy", ".npz", ".csv", ".pt")
 class Standardizer:
     r"""The per-feature affine map :math:`z = (x - \mu) / \sigma` and its inverse.
 
-    :meth:`fit` takes the mean and the (population) standard deviation of each column.
-    A constant column has no spread to divide by: its scale is set to 1, so that it is
-    only centred (to zero) and its contribution :math:`\log \sigma_j = 0` to
-    :meth:`log_abs_det` vanishes.
+    :meth:`fit` takes the mean and the (population) standard deviation of each column;
+    a constant column, which has no spread to divide by and whose density has no finite
+    maximum, is refused. The statistics are kept in double precision; :meth:`transform`
+    computes in double precision and returns the input's dtype (standardised values are
+    of order one), :meth:`inverse` returns double precision (data units may need it).
 
     Arguments:
         mean: The mean :math:`\mu`, of shape ``(D,)``.
         std: The scale :math:`\sigma`, of shape ``(D,)``, positive and finite.
 
     Example:
-        >>> x = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]])
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 20.0], [5.0, 30.0]], dtype=torch.float64)
         >>> standardizer = Standardizer.fit(x)
         >>> standardizer.mean, standardizer.std
-        (tensor([ 3., 10.]), tensor([1.6330, 1.0000]))
+        (tensor([ 3., 20.], dtype=torch.float64), tensor([1.6330, 8.1650], dtype=torch.float64))
         >>> z = standardizer.transform(x)
         >>> z[:, 0]
-        tensor([-1.2247,  0.0000,  1.2247])
+        tensor([-1.2247,  0.0000,  1.2247], dtype=torch.float64)
         >>> torch.allclose(standardizer.inverse(z), x)
         True
-        >>> standardizer.log_abs_det()  # log(1.6330) + log(1)
-        tensor(0.4904)
+        >>> standardizer.log_abs_det()  # log(1.6330) + log(8.1650)
+        tensor(2.5903, dtype=torch.float64)
     """
 
     def __init__(self, mean: Tensor, std: Tensor):
@@ -69,8 +76,8 @@ class Standardizer:
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
             raise ValueError("Standardizer: mean must be finite and std finite and positive, got "
                              f"mean={mean.tolist()}, std={std.tolist()}")
-        self.mean = mean
-        self.std = std.to(mean.dtype)
+        self.mean = mean.double()
+        self.std = std.double()
 
     @property
     def features(self) -> int:
@@ -81,15 +88,19 @@ class Standardizer:
     def fit(cls, x: Tensor) -> Standardizer:
         r"""Fits the mean and standard deviation of each column of ``x``.
 
-        The statistics are computed in double precision and stored in ``x``'s dtype. The
-        standard deviation is the population one (divisor :math:`N`), so that the
-        standardised ``x`` has mean 0 and standard deviation 1 exactly in that sense.
+        The statistics are computed and kept in double precision. The standard deviation
+        is the population one (divisor :math:`N`), so that the standardised ``x`` has mean
+        0 and standard deviation 1 exactly in that sense.
 
         Arguments:
-            x: The training samples, a floating tensor of shape ``(N, D)``, finite.
+            x: The training samples, a floating tensor of shape ``(N, D)``, finite, with
+                no constant column.
 
         Returns:
             The fitted standardizer.
+
+        Raises:
+            ValueError: If a column is constant (it names the first one).
         """
         if x.dim() != 2 or not x.dtype.is_floating_point or len(x) < 1:
             raise ValueError(
@@ -99,11 +110,13 @@ class Standardizer:
         if not torch.isfinite(x).all():
             raise ValueError("Standardizer.fit: x holds NaN or infinite values")
         wide = x.double()
-        mean = wide.mean(0)
-        std = wide.std(0, correction=0)
-        constant = wide.amax(0) == wide.amin(0)
-        std = torch.where(constant, torch.ones_like(std), std)
-        return cls(mean.to(x.dtype), std.to(x.dtype))
+        constant = (wide.amax(0) == wide.amin(0)).nonzero().flatten().tolist()
+        if constant:
+            raise ValueError(
+                f"Standardizer.fit: column {constant[0]} (counted from 0) is constant (every row is "
+                f"{wide[0, constant[0]].item()!r}); a flow has no density to fit there: drop it"
+            )
+        return cls(wide.mean(0), wide.std(0, correction=0))
 
     def _check(self, x: Tensor, name: str) -> None:
         if x.dim() < 1 or x.shape[-1] != self.features:
@@ -116,19 +129,26 @@ class Standardizer:
         r"""Returns :math:`z = (x - \mu) / \sigma`, from data units to standard units.
 
         Arguments:
-            x: Samples of shape ``(..., D)``, on any device; the statistics follow it.
+            x: Samples of shape ``(..., D)``, on any device; the statistics follow it. The
+                result has ``x``'s dtype, computed in double precision.
         """
         self._check(x, "transform")
-        return (x - self.mean.to(x)) / self.std.to(x)
+        wide = x.to(torch.float64)
+        return ((wide - self.mean.to(wide.device)) / self.std.to(wide.device)).to(x.dtype)
 
     def inverse(self, z: Tensor) -> Tensor:
         r"""Returns :math:`x = z \sigma + \mu`, from standard units back to data units.
 
         Arguments:
             z: Standardised samples of shape ``(..., D)``, on any device.
+
+        Returns:
+            The samples in data units, in double precision (a column such as
+            :math:`10^7 + 0.1\,\varepsilon` needs it).
         """
         self._check(z, "inverse")
-        return z * self.std.to(z) + self.mean.to(z)
+        wide = z.to(torch.float64)
+        return wide * self.std.to(wide.device) + self.mean.to(wide.device)
 
     def log_abs_det(self) -> Tensor:
         r"""Returns :math:`\sum_j \log \sigma_j`, the log-determinant of :meth:`inverse`.
@@ -148,7 +168,7 @@ class Standardizer:
         r"""Rebuilds a standardizer from :meth:`state_dict`'s output.
 
         Example:
-            >>> s = Standardizer.fit(torch.randn(100, 3))
+            >>> s = Standardizer.fit(torch.randn(100, 3, dtype=torch.float64))
             >>> t = Standardizer.from_state_dict(s.state_dict())
             >>> torch.equal(t.mean, s.mean) and torch.equal(t.std, s.std)
             True
@@ -173,9 +193,10 @@ def load_tabular(path: str | os.PathLike[str], *, key: str | None = None) -> Ten
     - ``.pt``: a tensor saved with :func:`torch.save`, or a dict holding the tensor
       called ``key`` or a single tensor (loaded with ``weights_only=True``).
 
-    Integer and floating data are accepted and converted to ``float32``; booleans,
-    complex numbers and strings are not. A
-    one-dimensional array is refused rather than guessed to be one feature or one sample.
+    Integer and floating data are accepted, in the file's precision: ``float64`` for CSV
+    text, integer and ``float64`` arrays, ``float32`` for ``float32`` (and half-precision)
+    arrays; booleans, complex numbers and strings are not. A one-dimensional array is
+    refused rather than guessed to be one feature or one sample.
 
     Arguments:
         path: The file.
@@ -183,7 +204,8 @@ def load_tabular(path: str | os.PathLike[str], *, key: str | None = None) -> Ten
             dict; needed only when the file holds several.
 
     Returns:
-        The samples, a ``float32`` tensor of shape ``(N, D)`` with ``N >= 2``, finite.
+        The samples, a ``float64`` or ``float32`` tensor of shape ``(N, D)`` with
+        ``N >= 2``, finite.
 
     Raises:
         FileNotFoundError: If there is no such file.
@@ -199,7 +221,9 @@ def load_tabular(path: str | os.PathLike[str], *, key: str | None = None) -> Ten
         >>> load_tabular(path)
         tensor([[ 1.8000, 75.0000],
                 [ 1.6500, 60.0000],
-                [ 1.7200, 68.0000]])
+                [ 1.7200, 68.0000]], dtype=torch.float64)
+        >>> column_names(path)
+        ['height', 'weight']
     """
     path = Path(os.fspath(path)).expanduser()
     suffix = path.suffix.lower()
@@ -323,7 +347,8 @@ def _diagnose_csv(path: Path, header: list[str] | None, width: int) -> None:
 
 
 def _checked(path: Path, array: np.ndarray | Tensor) -> Tensor:
-    """Converts to a float32 tensor, checking the dtype, the shape and the values."""
+    """Converts to a floating tensor in the file's precision, checking the dtype, the
+    shape and the values."""
     if isinstance(array, np.ndarray):
         if array.dtype.kind not in "iuf":
             raise ValueError(f"{path}: expected a numeric (integer or floating) array, got dtype {array.dtype}")
@@ -348,15 +373,76 @@ def _checked(path: Path, array: np.ndarray | Tensor) -> Tensor:
         raise ValueError(
             f"{path}: expected at least 2 samples (rows) and 1 feature (column), got shape {(rows, columns)}"
         )
-    tensor = tensor.to(torch.float32)
+    wide = tensor.dtype == torch.float64 or not tensor.dtype.is_floating_point
+    tensor = tensor.to(torch.float64 if wide else torch.float32)
     bad = ~torch.isfinite(tensor)
     count = int(bad.sum())
     if count:
         row, column = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{path}: {count} of the {tensor.numel()} values are NaN or infinite (or beyond float32's "
-            f"range, {torch.finfo(torch.float32).max:.2e}); the first is at row {row}, column {column} "
-            f"(counted from 0), value {array[row, column].item()!r}; remove or impute them first"
+            f"{path}: {count} of the {tensor.numel()} values are NaN or infinite; the first is at row "
+            f"{row}, column {column} (counted from 0), value {array[row, column].item()!r}; remove or "
+            "impute them first"
         )
     return tensor.contiguous()
+
+
+def column_names(path: str | os.PathLike[str]) -> list[str] | None:
+    """The names in a CSV file's header line, or ``None`` (no header, or not a CSV file)."""
+    path = Path(os.fspath(path)).expanduser()
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        first = next((row for row in csv.reader(file) if row), None)
+    if first is None or any(_is_number(field) for field in first):
+        return None
+    return [field.strip() for field in first]
+
+
+def _column(index: int, names: list[str] | None) -> str:
+    return f"{names[index]!r} (column {index}, counted from 0)" if names else f"{index} (counted from 0)"
+
+
+def check_columns(x: Tensor, dtype: torch.dtype = torch.float32, names: list[str] | None = None,
+                  what: str = "the data") -> None:
+    r"""Refuses, with a message naming the column, a column of ``x`` that a flow trained
+    in ``dtype`` cannot be fitted to:
+
+    * a constant column (its density has no finite maximum: the NLL would fall without
+      bound);
+    * a column whose standardised values, cast to ``dtype``, keep fewer than 99% of the
+      column's distinct values, or fewer than 2 (a huge outlier squeezes the other
+      values of its column together, or the column varies below ``dtype``'s resolution).
+
+    Arguments:
+        x: The samples, ``(N, D)``, in the file's precision.
+        dtype: The precision the flow is trained in.
+        names: The column names (from a header), for the messages.
+        what: What ``x`` is, for the messages (e.g. ``"the train split of data.csv"``).
+
+    Example:
+        >>> x = torch.tensor([[1e7, 1.0], [1e7 + 0.1, 2.0], [1e7 + 0.2, 3.0]], dtype=torch.float64)
+        >>> check_columns(x)  # standardised in float64 first: the 0.1 steps survive float32
+        >>> check_columns(torch.tensor([[1.0, 5.0], [2.0, 5.0]]), names=["a", "b"])
+        Traceback (most recent call last):
+            ...
+        ValueError: column 'b' (column 1, counted from 0) of the data is constant (every row is 5.0); drop it
+    """
+    wide = x.to(torch.float64)
+    for j in range(wide.shape[1]):
+        column = wide[:, j]
+        low, high = column.min(), column.max()
+        if low == high:
+            raise ValueError(f"column {_column(j, names)} of {what} is constant (every row is {low.item()!r}); "
+                             "drop it")
+        distinct = column.unique().numel()
+        z = ((column - column.mean()) / column.std(correction=0)).to(dtype)
+        kept = z.unique().numel()
+        if kept < 2 or kept < 0.99 * distinct:
+            raise ValueError(
+                f"column {_column(j, names)} of {what}: standardised and cast to {dtype}, its {distinct} "
+                f"distinct values become {kept} (range {low.item():.6g} to {high.item():.6g}, mean "
+                f"{column.mean().item():.6g}); an outlier may squeeze the others together: remove it or "
+                "drop the column"
+            )
 
