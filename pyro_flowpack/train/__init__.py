@@ -3,8 +3,10 @@ data-parallel training under ``torchrun``."""
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
 from .distributed import Distributed, setup, shard
+from .folder import RESUMABLE, RunFolder, RunLockedError
 from .loop import (
     RUN_FILES,
+    NoFiniteValidationError,
     NonFiniteLossError,
     StepInfo,
     TrainConfig,
@@ -25,7 +27,11 @@ __all__ = [
     "TrainResult",
     "StepInfo",
     "NonFiniteLossError",
+    "NoFiniteValidationError",
     "RUN_FILES",
+    "RunFolder",
+    "RunLockedError",
+    "RESUMABLE",
     "build_flow",
     "load_run",
     "Run",

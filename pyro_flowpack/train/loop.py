@@ -34,25 +34,25 @@ from torch import Tensor
 
 from ..flow import Flow
 from ..transforms.normalization import ActNorm
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
+from .checkpoint import rng_state, set_rng_state
 from .distributed import Distributed, all_reduce, setup, shard
+from .folder import FILES, RunFolder, changed_settings
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "fit", "evaluate_nll", "evaluate_iw_nll",
-           "read_metrics", "RUN_FILES"]
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "NoFiniteValidationError", "fit",
+           "evaluate_nll", "evaluate_iw_nll", "read_metrics", "RUN_FILES"]
 
-#: The files :func:`fit` keeps in a run folder.
-RUN_FILES = {
-    "last": "checkpoints/last.pt",
-    "best": "checkpoints/best.pt",
-    "metrics": "metrics.jsonl",
-}
-
-# Settings that change the trajectory of a run: a resumed run must keep them.
-_TRAJECTORY = ("batch_size", "lr", "weight_decay", "schedule", "warmup", "clip", "seed", "unit")
+#: The files :func:`fit` keeps in a run folder (see :data:`~pyro_flowpack.train.folder.FILES`).
+RUN_FILES = {name: FILES[name] for name in ("last", "best", "metrics")}
 
 
 class NonFiniteLossError(RuntimeError):
-    r"""Raised when too many steps in a row had a non-finite loss or gradient."""
+    r"""Raised when too many steps in a row had a non-finite loss or gradient, or when a
+    run ends with a streak of such steps."""
+
+
+class NoFiniteValidationError(RuntimeError):
+    r"""Raised when a run with validation data ends without one finite validation loss:
+    there is no best model (``best.pt`` is not written; ``last.pt`` is kept)."""
 
 
 @dataclass
@@ -174,6 +174,8 @@ class TrainResult:
         best_epoch: The epoch where it was reached.
         stopped: ``"finished"`` or ``"early_stopping"``.
         nonfinite_steps: Steps skipped for a non-finite loss or gradient.
+        nonfinite_valid: Epochs whose validation loss was not finite (never counted as
+            the best).
         train_time: Seconds spent in this call.
     """
 
@@ -184,6 +186,7 @@ class TrainResult:
     best_epoch: int | None = None
     stopped: str = "finished"
     nonfinite_steps: int = 0
+    nonfinite_valid: int = 0
     train_time: float = 0.0
 
 
@@ -292,44 +295,14 @@ def _needs_data_init(flow: nn.Module) -> bool:
 
 def read_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     r"""The records of a run folder's ``metrics.jsonl``, in order (none if it does not
-    exist); a last line cut short by a kill is skipped.
+    exist); lines that are not JSON objects, such as a last line cut short by a kill, are
+    skipped (see :meth:`~pyro_flowpack.train.folder.RunFolder.read_metrics`).
 
     Example:
         >>> read_metrics("/no/such/run")
         []
     """
-    path = Path(run) / RUN_FILES["metrics"]
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-class _MetricsLog:
-    """The JSON-lines metrics log of a run, appended to by the main process."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def truncate(self, step: int) -> None:
-        """Drops the records written after the checkpoint a run resumes from."""
-        if self.path is None or not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
-        text = "".join(json.dumps(record) + "\n" for record in kept)
-        write_atomically(self.path, lambda p: p.write_text(text))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
+    return RunFolder(run).read_metrics()
 
 
 def fit(
@@ -348,19 +321,26 @@ def fit(
     Each epoch visits the training examples in an order drawn from ``config.seed`` and
     the epoch number, in global batches of ``config.batch_size``; a step whose loss or
     gradient norm is not finite is skipped (the parameters stay as they were) and
-    counted, and after ``config.max_nonfinite`` in a row the run stops with
-    :class:`NonFiniteLossError`, its last checkpoint intact. After each epoch the
-    validation loss is computed and recorded.
+    counted, and after ``config.max_nonfinite`` in a row (the count survives a resume) the
+    run stops with :class:`NonFiniteLossError`, its last checkpoint intact; so it does if
+    the run ends inside a shorter streak. After each epoch the validation loss is
+    computed and recorded; a non-finite one is recorded as ``null`` (with
+    ``"valid_nonfinite"``), counted, and never the best, and a run that ends without one
+    finite validation loss raises :class:`NoFiniteValidationError` (``last.pt`` kept).
 
     With ``out``, the run folder receives ``checkpoints/last.pt`` (after each epoch and
     every ``config.checkpoint_every`` steps), ``checkpoints/best.pt`` (the best
     validation loss so far) and ``metrics.jsonl`` (one JSON record per line: running
-    training losses, epoch records, skipped steps). Checkpoints hold the model,
-    optimiser, scheduler, step, random states, early-stopping state, ``config`` and
-    ``metadata``, and are written atomically. ``resume=True`` continues from
-    ``last.pt``; the resumed run ends with the same parameters as an uninterrupted one
-    (on CPU, where torch is deterministic). Without ``resume``, a folder that already
-    holds a run is an error, so nothing is overwritten by mistake.
+    training losses, epoch records, skipped steps), under the rules of
+    :class:`~pyro_flowpack.train.folder.RunFolder`: one writer at a time (a lock), best and
+    last checkpoints that agree after a kill at any instant, and a metrics log cut back to
+    the checkpoint on every start. Checkpoints hold the model, optimiser, scheduler, step,
+    random states, early-stopping state, ``config`` and ``metadata``, and are written
+    atomically. ``resume=True`` continues from ``last.pt`` (only the settings in
+    :data:`~pyro_flowpack.train.folder.RESUMABLE` may change); the resumed run ends with
+    the same parameters as an uninterrupted one (on CPU, where torch is deterministic).
+    Without ``resume``, a folder that already holds a run is an error, so nothing is
+    overwritten by mistake.
 
     Under ``torchrun`` each process trains a
     :class:`~torch.nn.parallel.DistributedDataParallel` copy on its share of every
@@ -372,7 +352,8 @@ def fit(
         valid: Validation examples of the same shape (``None``: no validation and no
             early stopping).
         config: The settings (:class:`TrainConfig` defaults if ``None``).
-        out: The run folder (``None``: nothing is written).
+        out: The run folder, a path or a :class:`~pyro_flowpack.train.folder.RunFolder`
+            (``None``: nothing is written); a folder the caller has locked is used as is.
         resume: Whether to continue the run in ``out``.
         metadata: Anything JSON- or torch-serialisable to keep in the checkpoints, such
             as what is needed to rebuild the flow.
@@ -402,29 +383,40 @@ def fit(
     if valid is not None:
         _check_data("valid", valid, flow)
 
-    run = Path(out) if out is not None else None
-    paths = {k: run / v for k, v in RUN_FILES.items()} if run is not None else {}
+    folder = out if isinstance(out, RunFolder) or out is None else RunFolder(out)
+    if folder is None and resume:
+        raise ValueError("fit: resume=True needs the run folder `out`")
+    context = setup(config.device)
+    owns_lock = folder is not None and context.main and not folder.locked
+    if owns_lock:
+        folder.lock()
+    try:
+        return _fit(flow, train, valid, config, folder, resume, metadata, callback, context)
+    finally:
+        if owns_lock:
+            folder.unlock()
+
+
+def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, folder: RunFolder | None,
+         resume: bool, metadata: dict[str, Any] | None, callback: Callable[[StepInfo], None] | None,
+         context: Distributed) -> TrainResult:
     checkpoint = None
-    if run is not None:
+    if folder is not None:
         if resume:
-            if not paths["last"].exists():
-                raise FileNotFoundError(f"fit: nothing to resume: {paths['last']} does not exist")
-            checkpoint = load_checkpoint(paths["last"])
-            saved = TrainConfig.from_dict(checkpoint["config"])
-            changed = [k for k in _TRAJECTORY if getattr(saved, k) != getattr(config, k)]
+            if not folder.holds_run():
+                raise FileNotFoundError(f"fit: nothing to resume: {folder.file('last')} does not exist")
+            checkpoint = folder.load("last")
+            changed = changed_settings(checkpoint["config"], config.to_dict())
             if changed:
                 raise ValueError(
                     "fit: a resumed run must keep the settings that shape its trajectory; changed: "
-                    + ", ".join(f"{k} ({getattr(saved, k)!r} -> {getattr(config, k)!r})" for k in changed)
+                    + ", ".join(f"{k} ({checkpoint['config'].get(k)!r} -> {getattr(config, k)!r})" for k in changed)
                 )
-        elif paths["last"].exists():
-            raise FileExistsError(f"fit: {run} already holds a run; resume it or choose another folder")
-    elif resume:
-        raise ValueError("fit: resume=True needs the run folder `out`")
+        elif folder.holds_run():
+            raise FileExistsError(f"fit: {folder.path} already holds a run; resume it or choose another folder")
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    context = setup(config.device)
     device = context.device
     flow.to(device)
     train = train.to(device)
@@ -442,15 +434,20 @@ def fit(
 
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_valid": math.inf, "best_epoch": None, "bad_epochs": 0,
-                             "nonfinite_steps": 0, "history": [], "stopped": None, "epoch_sum": 0.0, "epoch_count": 0,
-                             "time": 0.0}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_valid": math.inf, "best_epoch": None, "best_step": None,
+                             "bad_epochs": 0, "nonfinite_steps": 0, "in_a_row": 0, "nonfinite_valid": 0,
+                             "history": [], "stopped": None, "epoch_sum": 0.0, "epoch_count": 0, "time": 0.0}
 
     def order(epoch: int) -> Tensor:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         return torch.randperm(size, generator=generator)
 
-    log = _MetricsLog(paths.get("metrics") if context.main else None)
+    writes = folder is not None and context.main
+
+    def log(record: dict[str, Any]) -> None:
+        if writes:
+            folder.append_metrics(record)
+
     if checkpoint is not None:
         flow.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -463,8 +460,8 @@ def fit(
             set_rng_state(states[context.rank])
         else:
             torch.manual_seed(config.seed + context.rank + 7919 * state["step"])
-        if context.main:
-            log.truncate(state["step"])
+        if writes:
+            folder.truncate_metrics(state["step"])
     else:
         torch.manual_seed(config.seed + context.rank)
         random.seed(config.seed + context.rank)
@@ -472,8 +469,9 @@ def fit(
             with torch.no_grad():
                 flow.train()
                 flow().log_prob(train[order(0)[:batch]])
-        if run is not None and context.main:
-            run.mkdir(parents=True, exist_ok=True)
+        if writes:
+            folder.check_writable()
+            folder.truncate_metrics(0)  # records of a run killed before its first checkpoint
 
     objective: nn.Module = _Objective(flow)
     if context.enabled:
@@ -483,13 +481,13 @@ def fit(
             objective, device_ids=[device] if device.type == "cuda" else None
         )
 
-    def save(*names: str) -> None:
+    def save(best: bool) -> None:
         states = [None] * context.world_size
         if context.enabled:
             torch.distributed.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
-        if not context.main or run is None:
+        if not writes:
             return
         content = {
             "model": flow.state_dict(),
@@ -501,8 +499,7 @@ def fit(
             "metadata": metadata or {},
             "world_size": context.world_size,
         }
-        for name in names:
-            save_checkpoint(paths[name], content)
+        folder.save(content, best)
 
     bar = None
     if config.progress and context.main and state["step"] < total_steps and state["stopped"] is None:
@@ -511,7 +508,6 @@ def fit(
         bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True, file=sys.stderr)
 
     start = began = time.perf_counter()
-    in_a_row = 0
     running, running_count = 0.0, 0
     try:
         while state["step"] < total_steps and state["stopped"] is None:
@@ -532,20 +528,19 @@ def fit(
                 value = loss.item()
                 if skipped:
                     optimizer.zero_grad(set_to_none=True)
-                    in_a_row += 1
+                    state["in_a_row"] += 1
                     state["nonfinite_steps"] += 1
-                    log.write({"step": state["step"] + 1, "skipped": "non-finite loss or gradient",
-                               "loss": value if math.isfinite(value) else str(value)})
-                    if in_a_row >= config.max_nonfinite:
-                        where = f"; the last good checkpoint is {paths['last']}" if run is not None and paths["last"].exists() else ""
+                    log({"step": state["step"] + 1, "skipped": "non-finite loss or gradient",
+                         "loss": value if math.isfinite(value) else str(value)})
+                    if state["in_a_row"] >= config.max_nonfinite:
                         raise NonFiniteLossError(
-                            f"training stopped at step {state['step'] + 1}: {in_a_row} steps in a row had a non-finite "
-                            f"loss or gradient (each was skipped, the parameters are unchanged){where}; "
-                            "try a lower learning rate or stronger gradient clipping"
+                            f"training stopped at step {state['step'] + 1}: {state['in_a_row']} steps in a row had a "
+                            f"non-finite loss or gradient (each was skipped, the parameters are unchanged)"
+                            f"{_last_good(folder)}; try a lower learning rate or stronger gradient clipping"
                         )
                 else:
                     optimizer.step()
-                    in_a_row = 0
+                    state["in_a_row"] = 0
                     running += value
                     running_count += 1
                     state["epoch_sum"] += value
@@ -555,7 +550,7 @@ def fit(
                 if callback is not None:
                     callback(StepInfo(state["step"], epoch + 1, value, indices, skipped, context.rank))
                 if state["step"] % config.log_every == 0 and running_count:
-                    log.write({"step": state["step"], "epoch": epoch + 1, "train_loss": running / running_count * scale,
+                    log({"step": state["step"], "epoch": epoch + 1, "train_loss": running / running_count * scale,
                                "lr": scheduler.get_last_lr()[0]})
                     if bar is not None:
                         bar.set_postfix_str(f"loss {running / running_count * scale:.4f} {config.unit}")
@@ -566,7 +561,7 @@ def fit(
                         and position + 1 < steps_per_epoch and state["step"] < total_steps):
                     state["time"] += time.perf_counter() - start
                     start = time.perf_counter()
-                    save("last")
+                    save(best=False)
 
             completed = state["step"] == (epoch + 1) * steps_per_epoch
             state["time"] += time.perf_counter() - start
@@ -578,12 +573,21 @@ def fit(
             state["epoch_sum"], state["epoch_count"] = 0.0, 0
             improved = False
             if valid is not None:
-                record["valid_loss"] = evaluate_nll(flow, valid, config.eval_batch_size, context) * scale
-                improved = record["valid_loss"] < state["best_valid"]
+                loss_valid = evaluate_nll(flow, valid, config.eval_batch_size, context) * scale
+                if math.isfinite(loss_valid):
+                    record["valid_loss"] = loss_valid
+                else:  # never the best; JSON has no inf or NaN
+                    record["valid_loss"], record["valid_nonfinite"] = None, str(loss_valid)
+                    state["nonfinite_valid"] += 1
+                improved = math.isfinite(loss_valid) and loss_valid < state["best_valid"]
                 if improved:
-                    state["best_valid"], state["best_epoch"], state["bad_epochs"] = record["valid_loss"], epoch + 1, 0
+                    state["best_valid"], state["best_epoch"], state["bad_epochs"] = loss_valid, epoch + 1, 0
                 else:
                     state["bad_epochs"] += 1
+            else:
+                improved = True  # without validation data the best model is the last one
+            if improved:
+                state["best_step"] = state["step"]
             state["history"].append(record)
             if completed:
                 state["epoch"] += 1
@@ -591,14 +595,28 @@ def fit(
                 state["stopped"] = "early_stopping"
             elif state["step"] >= total_steps:
                 state["stopped"] = "finished"
-            log.write(record)
+            log(record)
             if bar is not None:
-                valid_text = f", valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
+                valid_text = "" if valid is None else (
+                    f", valid {record['valid_loss']:.4f}" if record["valid_loss"] is not None
+                    else f", valid {record['valid_nonfinite']}")
                 bar.write(f"epoch {epoch + 1}: train {record['train_loss']:.4f}{valid_text} {config.unit}")
-            save("last", "best") if improved or valid is None else save("last")
+            save(best=improved)
     finally:
         if bar is not None:
             bar.close()
+    if state["in_a_row"]:
+        raise NonFiniteLossError(
+            f"training ended at step {state['step']} inside a streak of {state['in_a_row']} steps with a non-finite "
+            f"loss or gradient (each was skipped){_last_good(folder)}; the model is not trustworthy: try a lower "
+            "learning rate or stronger gradient clipping"
+        )
+    if valid is not None and state["best_step"] is None and state["history"]:
+        raise NoFiniteValidationError(
+            f"no epoch of {len(state['history'])} had a finite validation loss (the last was "
+            f"{state['history'][-1].get('valid_nonfinite')}), so there is no best model{_last_good(folder)}; "
+            "look for outliers in the validation data or lower the learning rate"
+        )
     return TrainResult(
         steps=state["step"],
         epochs=len(state["history"]),
@@ -607,5 +625,12 @@ def fit(
         best_epoch=state["best_epoch"],
         stopped=state["stopped"] or "finished",
         nonfinite_steps=state["nonfinite_steps"],
+        nonfinite_valid=state["nonfinite_valid"],
         train_time=time.perf_counter() - began,
     )
+
+
+def _last_good(folder: RunFolder | None) -> str:
+    if folder is None or not folder.holds_run():
+        return ""
+    return f"; the last good checkpoint is {folder.file('last')}"
