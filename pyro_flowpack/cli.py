@@ -56,10 +56,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "temperature": 0.7,
 }
 
-# Settings a resumed run may change: how long it runs and where, not what it computes.
-RESUMABLE = {"epochs", "max_steps", "device", "threads", "progress", "patience", "checkpoint_every", "k",
-             "temperature", "root", "download"}
-
 EXAMPLES = """\
 examples:
   flowpack train --data moons --out runs/moons
@@ -105,6 +101,7 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 _non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 _fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_seed = _number(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 
 
 def _device(text: str) -> str:
@@ -183,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip", type=_positive_float, help="maximum gradient norm [1.0]")
     opt.add_argument("--patience", type=_positive_int, help="stop after this many epochs without a better "
                                                              "validation loss [never]")
-    opt.add_argument("--seed", type=int, help="seed of the data split, initialisation and order [0]")
+    opt.add_argument("--seed", type=_seed, help="seed of the data split, initialisation and order [0]")
     opt.add_argument("--size", type=_positive_int, help="toy sets: training points [20000]; others: "
                                                          "at most this many training examples")
     opt.add_argument("--valid-fraction", type=_fraction, help="[0.1]")
@@ -223,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=_positive_float, default=1.0, help="scale of the base noise [1.0]")
     sample.add_argument("-o", "--output", type=Path, help="file to write, .npy or .pt [RUN_DIR/samples.npy]")
     sample.add_argument("--checkpoint", choices=["best", "last"], default="best", help="[best]")
-    sample.add_argument("--seed", type=int, default=0, help="[0]")
+    sample.add_argument("--seed", type=_seed, default=0, help="[0]")
     sample.add_argument("--device", type=_device, default="cpu", help="[cpu]")
     return parser
 
@@ -242,6 +239,43 @@ def _load_data(spec: str, options: dict[str, Any]):
         return load_data(spec, **options)
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
+    except (OSError, RuntimeError) as error:  # torchvision without a network, a full disk, ...
+        what = "download or read" if options.get("download") else "read"
+        raise CommandError(f"could not {what} the data set {spec!r}: {error}") from None
+
+
+def _file_digest(path: str) -> str:
+    """The SHA-256 of a data file, to notice a file edited after training."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_data(spec: str) -> str:
+    """A data file's absolute path (resolved once, at training time); a name as it is."""
+    from .data import DATA_NAMES
+
+    if spec in DATA_NAMES or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _check_data_unchanged(metadata: dict[str, Any]) -> None:
+    """Refuses a data file that changed since training: it would be split and scored anew."""
+    data = metadata.get("data") or {}
+    saved = data.get("sha256")
+    if saved is None:
+        return
+    path = data["spec"]
+    if not Path(path).is_file():
+        raise CommandError(f"the run's data file {path} no longer exists")
+    if _file_digest(path) != saved:
+        raise CommandError(f"the run's data file {path} changed since training (its SHA-256 differs); its rows "
+                           "would be split and scored anew: restore the file or train a new run")
 
 
 def _flow_options(settings: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -259,33 +293,39 @@ def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import NonFiniteLossError, TrainConfig, fit, load_checkpoint, write_atomically
+    from .train import TrainConfig
     from .train.distributed import setup
+    from .train.folder import RunFolder, RunLockedError, changed_settings
     from .train.run import build_flow
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
-    out: Path = args.out
-    config_path = out / "config.json"
+    if "data" in given:
+        given["data"] = _resolve_data(str(given["data"]))
+    folder = RunFolder(args.out)
+    out = folder.path
     if args.resume:
-        last = out / "checkpoints" / "last.pt"
-        if not last.exists():
-            raise CommandError(f"nothing to resume in {out}: {last} does not exist")
+        if not folder.holds_run():
+            raise CommandError(f"nothing to resume in {out}: {folder.file('last')} does not exist")
         try:
-            saved = load_checkpoint(last)["metadata"]["settings"]
-        except (ValueError, KeyError, TypeError) as error:
-            message = str(error) if isinstance(error, ValueError) else "it was not written by flowpack train"
-            raise CommandError(f"cannot resume {out}: {message}") from None
-        changed = [k for k, v in given.items() if k not in RESUMABLE and _jsonable({k: v})[k] != saved.get(k)]
+            checkpoint = folder.load("last")
+        except ValueError as error:
+            raise CommandError(f"cannot resume {out}: {error}") from None
+        saved = (checkpoint.get("metadata") or {}).get("settings")
+        if not isinstance(saved, dict):
+            raise CommandError(f"cannot resume {out}: it was not written by {PROG} train (no settings); "
+                               "resume it with pyro_flowpack.train.fit")
+        changed = changed_settings(saved, _jsonable(given))
         if changed:
             raise CommandError(
                 "a resumed run keeps its settings; cannot change "
                 + ", ".join(f"--{k.replace('_', '-')} (run: {saved.get(k)!r}, given: {given[k]!r})" for k in changed)
             )
+        _check_data_unchanged(checkpoint["metadata"])
         settings = {**saved, **given}
     else:
         if "data" not in given:
             raise CommandError("--data is required (a data set name or a file); see flowpack train --help")
-        if (out / "checkpoints" / "last.pt").exists():
+        if folder.holds_run():
             raise CommandError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
         settings = {**TRAIN_DEFAULTS, **given}
     settings = _jsonable(settings)
@@ -300,6 +340,9 @@ def _train(args: argparse.Namespace) -> int:
         settings["k"] = 64 if data.name == "digits" else 8
     if len(data.train) == 0:
         raise CommandError(f"the training split of {data.name} is empty")
+    if len(data.test) == 0:
+        raise CommandError(f"the test split of {data.name} is empty (--test-fraction 0?): the final evaluation "
+                           "needs test examples")
     flow_options = _flow_options(settings, data.kind)
     torch.manual_seed(settings["seed"])
     try:
@@ -323,13 +366,32 @@ def _train(args: argparse.Namespace) -> int:
         "event_shape": list(data.event_shape),
         "num_bins": data.num_bins,
         "kind": data.kind,
-        "data": {"spec": settings["data"], **_data_options(settings)},
+        "data": {"spec": settings["data"], **_data_options(settings),
+                 "sha256": _file_digest(settings["data"]) if data.kind == "tabular" else None},
         "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
     }
     if distributed.main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"settings": settings, "train_config": config.to_dict()}, indent=2) + "\n"
-        write_atomically(config_path, lambda p: p.write_text(text))
+        try:
+            folder.lock()
+        except (RunLockedError, OSError) as error:
+            raise CommandError(str(error)) from None
+    try:
+        return _train_in(folder, flow, data, config, settings, metadata, args.resume, distributed)
+    finally:
+        folder.unlock()
+
+
+def _train_in(folder, flow, data, config, settings, metadata, resume, distributed) -> int:
+    """Trains in the locked run folder, evaluates the best model and writes the summary."""
+    import torch
+
+    from .train import NoFiniteValidationError, NonFiniteLossError, fit
+
+    out = folder.path
+    if distributed.main and not resume and folder.holds_run():  # another run got here first
+        raise CommandError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    if distributed.main:
+        folder.write_json("config", {"settings": settings, "train_config": config.to_dict()})
         parameters = sum(p.numel() for p in flow.parameters())
         print(f"{PROG}: training {settings['flow']} ({parameters} parameters) on {data.name} "
               f"({len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test, event shape "
@@ -337,8 +399,8 @@ def _train(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()} threads; run folder {out}", flush=True)
     valid = data.valid if len(data.valid) else None
     try:
-        result = fit(flow, data.train, valid, config, out=out, resume=args.resume, metadata=metadata)
-    except NonFiniteLossError as error:
+        result = fit(flow, data.train, valid, config, out=folder, resume=resume, metadata=metadata)
+    except (NonFiniteLossError, NoFiniteValidationError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -347,9 +409,14 @@ def _train(args: argparse.Namespace) -> int:
         return 130
 
     # The final model is the best on validation data (the last one without).
-    best = out / "checkpoints" / ("best.pt" if valid is not None else "last.pt")
+    best = folder.file("best" if valid is not None else "last")
     if distributed.main:
-        flow.load_state_dict(load_checkpoint(best, map_location=distributed.device)["model"])
+        try:
+            flow.load_state_dict(folder.load("best" if valid is not None else "last",
+                                             map_location=distributed.device)["model"])
+        except (ValueError, FileNotFoundError) as error:
+            print(f"{PROG}: training finished, but its best model cannot be read: {error}", file=sys.stderr)
+            return 1
     if distributed.enabled:  # every process evaluates its share with rank 0's parameters
         for tensor in flow.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
@@ -357,16 +424,18 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.main:
         summary.update({"steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
                         "best_epoch": result.best_epoch, "best_valid": result.best_valid,
-                        "nonfinite_steps": result.nonfinite_steps,
+                        "nonfinite_steps": result.nonfinite_steps, "nonfinite_valid": result.nonfinite_valid,
                         # seconds of training over all resumed parts of the run
                         "train_time_s": round(result.history[-1]["time"], 2) if result.history else 0.0,
                         "checkpoint": str(best)})
         pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"])
         summary["pictures"] = [str(p) for p in pictures]
-        text = json.dumps(summary, indent=2) + "\n"
-        write_atomically(out / "summary.json", lambda p: p.write_text(text))
+        if not all(math.isfinite(summary[k]) for k in ("nll", "nll_data_units", "bpd_bound", "bpd_iw") if k in summary):
+            print(f"{PROG}: the final evaluation is not finite: {_summary_text(summary)}", file=sys.stderr)
+            return 1
+        path = folder.write_json("summary", summary)
         print(_summary_text(summary), flush=True)
-        print(f"{PROG}: wrote " + ", ".join(summary["pictures"] + [str(out / "summary.json")]), flush=True)
+        print(f"{PROG}: wrote " + ", ".join(summary["pictures"] + [str(path)]), flush=True)
     if distributed.enabled:
         torch.distributed.destroy_process_group()
     return 0
@@ -470,7 +539,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     run = _load(args.run, args.checkpoint, args.device)
-    settings = run.metadata["settings"]
+    settings = run.metadata.get("settings")
+    if not isinstance(settings, dict):
+        raise CommandError(f"{args.run} was not written by {PROG} train (its checkpoint has no settings), so the "
+                           "data it was trained on is unknown; evaluate it from Python with pyro_flowpack.train")
+    _check_data_unchanged(run.metadata)
     options = _data_options(settings)
     if args.root is not None:
         options["root"] = str(args.root)

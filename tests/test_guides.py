@@ -431,9 +431,10 @@ def test_realnvp_guide_over_one_latent_fits_the_exact_gaussian_posterior():
         pyro.sample("x", dist.Normal(a, 1.0), obs=torch.tensor(1.0))
 
     torch.manual_seed(0)
-    guide = AutoFlowGuide(model, flow="realnvp", transforms=2)
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}), pyro.infer.Trace_ELBO(num_particles=8))
-    for _ in range(400):
+    guide = AutoFlowGuide(model, flow="realnvp", transforms=2, hidden=(16,))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}),
+                         pyro.infer.Trace_ELBO(num_particles=8, vectorize_particles=True))
+    for _ in range(300):
         svi.step()
     with torch.no_grad():
         draws = guide.get_posterior().sample((20000,))[:, 0]

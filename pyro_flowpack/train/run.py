@@ -17,8 +17,7 @@ import torch
 
 from ..flow import Flow
 from ..flows import IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
-from .checkpoint import load_checkpoint
-from .loop import RUN_FILES
+from .folder import RunFolder
 
 __all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run"]
 
@@ -115,15 +114,9 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
         FileNotFoundError: If the folder or the checkpoint is missing.
         ValueError: If the checkpoint does not say how to rebuild its flow.
     """
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    folder = Path(run)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no run folder at {folder}")
-    path = folder / RUN_FILES[which]
-    if which == "best" and not path.exists():
-        path = folder / RUN_FILES["last"]  # a run without validation data has no best
-    checkpoint = load_checkpoint(path, map_location=map_location)
+    folder = RunFolder(run)
+    checkpoint = folder.load(which, map_location=map_location)  # best falls back to last without validation
+    path = folder.file(which if which == "last" or folder.file("best").exists() else "last")
     metadata = checkpoint.get("metadata") or {}
     if "flow" not in metadata or "event_shape" not in metadata:
         raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
