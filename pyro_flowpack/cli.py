@@ -550,7 +550,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = _load_data(settings["data"], options)
     data.standardizer = _standardizer(run) or data.standardizer
     torch.manual_seed(0)
-    summary = _evaluate_flow(run.flow, data, args.split, args.k or settings["k"])
+    summary = _evaluate_flow(run.model, data, args.split, args.k or settings["k"])
     summary["checkpoint"] = str(run.path)
     print(json.dumps(summary) if args.json else _summary_text(summary))
     return 0
@@ -567,11 +567,8 @@ def _sample(args: argparse.Namespace) -> int:
     if output.suffix not in (".npy", ".pt"):
         raise CommandError(f"-o/--output must end in .npy or .pt, got {output}")
     torch.manual_seed(args.seed)
-    with torch.no_grad():
+    with torch.no_grad():  # run.flow is in the units of the data file
         samples = run.flow().sample((args.num_samples,), temperature=args.temperature).cpu()
-    standardizer = _standardizer(run)
-    if standardizer is not None:
-        samples = standardizer.inverse(samples)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".pt":
         write_atomically(output, lambda p: torch.save(samples, p))

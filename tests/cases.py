@@ -24,6 +24,7 @@ from pyro_flowpack.transforms import (
     AffineCoupling,
     BatchNorm,
     Compose,
+    ElementwiseAffine,
     FactorOut,
     Inverse,
     InvertibleConv1x1,
@@ -125,6 +126,8 @@ LAYERS = [
     Case("LULinear", _layer(lambda c: LULinear(FEATURES)), conditional=False),
     Case("ActNorm", _layer(lambda c: ActNorm(FEATURES)), conditional=False),
     Case("BatchNorm", _layer(lambda c: BatchNorm(FEATURES)), conditional=False),
+    Case("ElementwiseAffine", _layer(lambda c: ElementwiseAffine(3 * torch.randn(FEATURES), 0.5 + torch.rand(FEATURES))),
+         conditional=False),
     Case(
         "Compose",
         _layer(lambda c: Compose(LULinear(FEATURES), AffineCoupling(FEATURES, context=c, hidden=HIDDEN), Reverse(FEATURES))),

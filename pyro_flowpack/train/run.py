@@ -8,6 +8,7 @@ holds its checkpoints, and each checkpoint holds the name and options of its flo
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 
 from ..flow import Flow
 from ..flows import IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
+from ..data.tabular import Standardizer
+from ..transforms.elementwise import ElementwiseAffine
 from .folder import RunFolder
 
 __all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run"]
@@ -89,12 +92,20 @@ class Run:
     r"""A trained run reloaded from its folder.
 
     Attributes:
-        flow: The flow, with the checkpoint's parameters, in eval mode.
+        flow: The flow in the units of the data file, in eval mode: for a tabular run the
+            trained model followed by the exact map back from standardised units,
+            :math:`x = \mu + \sigma \odot z` (an
+            :class:`~pyro_flowpack.transforms.ElementwiseAffine`), in ``float64`` so that
+            columns such as :math:`10^7 + 0.1\,\varepsilon` keep their precision; its
+            ``log_prob`` takes raw rows and its samples are raw rows. For other runs,
+            the model itself.
+        model: The flow as it was trained (on standardised data for a tabular run).
         checkpoint: The checkpoint's content (``state``, ``config``, ``metadata``, ...).
         path: The checkpoint file.
     """
 
     flow: Flow
+    model: Flow
     checkpoint: dict[str, Any]
     path: Path
 
@@ -108,11 +119,29 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     r"""Reloads the flow of a run folder from its ``best`` or ``last`` checkpoint.
 
     The checkpoint's ``metadata`` must hold ``flow`` (``{"name": ..., "options": ...}``),
-    ``event_shape`` and, for images, ``num_bins``, as ``flowpack train`` writes them.
+    ``event_shape`` and, for images, ``num_bins``, as ``flowpack train`` writes them, and
+    for tabular data the ``standardizer``, which :attr:`Run.flow` folds in so that it is a
+    density over the file's rows.
 
     Raises:
         FileNotFoundError: If the folder or the checkpoint is missing.
         ValueError: If the checkpoint does not say how to rebuild its flow.
+
+    Example:
+        >>> import numpy, tempfile
+        >>> from pyro_flowpack.cli import main
+        >>> folder = tempfile.mkdtemp()
+        >>> rows = 1e7 + 0.1 * numpy.random.default_rng(0).standard_normal((300, 1))
+        >>> numpy.save(f"{folder}/big.npy", rows)
+        >>> main(["train", "--data", f"{folder}/big.npy", "--out", f"{folder}/run", "--epochs", "1",
+        ...       "--transforms", "1", "--hidden", "8", "--no-progress"])  # doctest: +ELLIPSIS
+        flowpack: training ...
+        0
+        >>> run = load_run(f"{folder}/run")
+        >>> run.flow().log_prob(torch.tensor(rows[:3])).shape  # raw rows, in the file's units
+        torch.Size([3])
+        >>> float(run.flow().sample((1000,)).mean()) // 1e6  # samples in the file's units
+        10.0
     """
     folder = RunFolder(run)
     checkpoint = folder.load(which, map_location=map_location)  # best falls back to last without validation
@@ -120,8 +149,14 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     metadata = checkpoint.get("metadata") or {}
     if "flow" not in metadata or "event_shape" not in metadata:
         raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
-    flow = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
-                      **metadata["flow"].get("options", {}))
-    flow.load_state_dict(checkpoint["model"])
-    flow.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    return Run(flow, checkpoint, path)
+    model = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
+                       **metadata["flow"].get("options", {}))
+    model.load_state_dict(checkpoint["model"])
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    model.to(device).eval()
+    flow = model
+    if metadata.get("standardizer") is not None:
+        standardizer = Standardizer.from_state_dict(metadata["standardizer"])
+        back = ElementwiseAffine(standardizer.mean, standardizer.std)
+        flow = Flow([copy.deepcopy(model.transform), back], base=model.base()).double().to(device).eval()
+    return Run(flow, model, checkpoint, path)

@@ -4,7 +4,7 @@ from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, Ma
 from .base import Compose, ConditionedTransform, FlowTransform, Inverse
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .dequantization import Dequantization, UniformDequantization, VariationalDequantization
-from .elementwise import Logit, Scale
+from .elementwise import ElementwiseAffine, Logit, Scale
 from .linear import InvertibleConv1x1, LULinear, Permute, Reverse
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 from .normalization import ActNorm, BatchNorm
@@ -15,7 +15,7 @@ __all__ = [
     "FlowTransform", "Inverse", "Compose", "ConditionedTransform",
     "Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling",
     "MaskedAutoregressive", "MaskedAffineAutoregressive", "MaskedSplineAutoregressive",
-    "Permute", "Reverse", "LULinear", "InvertibleConv1x1", "ActNorm", "BatchNorm", "Logit", "Scale", "Squeeze", "FactorOut",
+    "Permute", "Reverse", "LULinear", "InvertibleConv1x1", "ActNorm", "BatchNorm", "Logit", "Scale", "ElementwiseAffine", "Squeeze", "FactorOut",
     "Dequantization", "UniformDequantization", "VariationalDequantization",
     "MonotoneMap", "Additive", "Affine", "RationalQuadraticSpline",
     "ZukoTransform",

@@ -17,10 +17,7 @@ from torch.distributions import Distribution, constraints
 
 from .base import FlowTransform, ShapeLike, as_shape
 
-__all__ = [
-    "Logit",
-    "Scale",
-]
+__all__ = ["Logit", "Scale", "ElementwiseAffine"]
 
 
 def _check_number(name: str, what: str, value: object) -> float:
@@ -172,3 +169,49 @@ class Scale(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.event_shape)}, scale={self.scale}"
+
+
+class ElementwiseAffine(FlowTransform):
+    r"""Creates a layer with a fixed elementwise affine map,
+
+    .. math:: y = \mu + \sigma \odot x , \qquad \log |\det J| = \sum_i \log \sigma_i ,
+
+    whose location :math:`\mu` and positive scale :math:`\sigma` are buffers (saved, moved
+    and cast with the flow, never trained). It maps a flow fitted to standardised data
+    back to the data's units: :func:`~pyro_flowpack.train.load_run` appends one built from
+    the run's :class:`~pyro_flowpack.data.Standardizer`.
+
+    Arguments:
+        loc: The location :math:`\mu`, a tensor of the event shape.
+        scale: The scale :math:`\sigma`, a positive finite tensor of the same shape.
+
+    Example:
+        >>> t = ElementwiseAffine(torch.tensor([10.0, 0.0]), torch.tensor([2.0, 0.5]))
+        >>> y, ladj = t.call_and_ladj(torch.tensor([1.0, 1.0]))
+        >>> y, ladj  # log 2 + log 0.5
+        (tensor([12.0000,  0.5000]), tensor(0.))
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor) -> None:
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+        if loc.shape != scale.shape or loc.dim() == 0 or not loc.is_floating_point():
+            raise ValueError(f"ElementwiseAffine expects floating loc and scale of the same event shape, got "
+                             f"{tuple(loc.shape)} and {tuple(scale.shape)}")
+        if not bool(torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("ElementwiseAffine expects a finite loc and a finite, positive scale")
+        super().__init__(loc.shape)
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("scale", scale.to(loc.dtype).clone())
+
+    def _ladj(self, value: Tensor) -> Tensor:
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        return self.scale.log().sum().expand(batch)
+
+    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.loc + self.scale * x, self._ladj(x)
+
+    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (y - self.loc) / self.scale, self._ladj(y)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.event_shape)}"
