@@ -247,7 +247,7 @@ def test_bad_input(tmp_path):
         fit(flow, torch.zeros(0, 2), None, config())
     with pytest.raises(TypeError, match="train must be a tensor"):
         fit(flow, [[0.0, 0.0]], None, config())
-    with pytest.raises(ValueError, match="expects 3 context features"):
+    with pytest.raises(ValueError, match="conditional on 3 context features; give context"):
         fit(pf.flows.MAF(features=2, context=3), torch.zeros(10, 2), None, config())
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         fit(flow, torch.zeros(10, 2), None, config(), out=tmp_path / "none", resume=True)
@@ -258,3 +258,23 @@ def test_bad_input(tmp_path):
         fit(flow, gaussian(32), None, config(epochs=1), out=tmp_path / "run")
     with pytest.raises(ValueError, match=r"changed: lr \(0.01 -> 0.1\)"):
         fit(flow, gaussian(32), None, config(epochs=2, lr=0.1), out=tmp_path / "run", resume=True)
+
+
+def test_fit_trains_a_conditional_flow_on_pairs_and_checks_the_context():
+    """p(x | c) for x = A c + 0.1 eps: the validation NLL comes within 0.1 nats of the
+    true conditional NLL (-1.77 for two features), far below the marginal one (3.65)."""
+    generator = torch.Generator().manual_seed(0)
+    c = torch.randn(2304, 2, generator=generator)
+    x = c @ torch.tensor([[1.0, 0.5], [-0.5, 2.0]]) + 0.1 * torch.randn(2304, 2, generator=generator)
+    torch.manual_seed(0)
+    flow = pf.flows.MAF(2, context=2, transforms=2, hidden=(32, 32))
+    result = fit(flow, x[:2048], x[2048:], config(epochs=40, batch_size=128, lr=1e-2), context=c[:2048],
+                 valid_context=c[2048:])
+    true = 2 * 0.5 * torch.log(2 * torch.pi * torch.e * torch.tensor(0.01)).item()
+    assert abs(result.best_valid - true) < 0.1, (result.best_valid, true)
+    with pytest.raises(ValueError, match=r"context must have shape \(10, 2\), one row per example, got \(9, 2\)"):
+        fit(flow, torch.zeros(10, 2), None, config(), context=torch.zeros(9, 2))
+    with pytest.raises(ValueError, match="give valid_context"):
+        fit(flow, torch.zeros(10, 2), torch.zeros(4, 2), config(), context=torch.zeros(10, 2))
+    with pytest.raises(ValueError, match="unconditional .* but context was given"):
+        fit(small_flow(), torch.zeros(10, 2), None, config(), context=torch.zeros(10, 2))

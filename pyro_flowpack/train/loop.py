@@ -80,7 +80,11 @@ class TrainConfig:
         log_every: Steps between records of the running training loss.
         checkpoint_every: Steps between checkpoints inside an epoch (``None``: at the end
             of each epoch only).
-        progress: Whether to show a progress bar.
+        progress: Whether to show a progress bar (with one line per epoch above it).
+        epoch_lines: Without a progress bar, whether to print one line per epoch to
+            standard error (``epoch N: train X, valid Y unit``, from the first process
+            only); the ``flowpack`` command sets it with ``--no-progress``. Off by
+            default, so that library calls stay quiet.
         unit: ``"nats"`` (per example) or ``"bits/dim"``, for reports; the optimised loss
             is the same.
     """
@@ -102,6 +106,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int | None = None
     progress: bool = True
+    epoch_lines: bool = False
     unit: str = "nats"
 
     def __post_init__(self) -> None:
@@ -197,8 +202,26 @@ class _Objective(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, x: Tensor) -> Tensor:
-        return -self.flow().log_prob(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return -self.flow(context).log_prob(x)
+
+
+def _check_context(name: str, context: Tensor | None, data: Tensor | None, flow: Flow) -> None:
+    """Context rows for a conditional flow, one per example of ``data``; none otherwise."""
+    if data is None:
+        return
+    features = flow.context_features
+    if not features:
+        if context is not None:
+            raise ValueError(f"fit: the flow is unconditional (context=0) but {name} was given")
+        return
+    if context is None:
+        raise ValueError(f"fit: the flow is conditional on {features} context features; give {name}")
+    if not isinstance(context, Tensor) or context.shape != (len(data), features):
+        got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"fit: {name} must have shape ({len(data)}, {features}), one row per example, got {got}")
+    if not torch.isfinite(context).all():
+        raise ValueError(f"fit: {name} holds non-finite values")
 
 
 def _check_data(name: str, data: Tensor, flow: Flow) -> None:
@@ -222,9 +245,12 @@ def _unit_scale(unit: str, flow: Flow) -> float:
 
 
 @torch.no_grad()
-def evaluate_nll(flow: Flow, data: Tensor, batch_size: int = 1024, distributed: Distributed | None = None) -> float:
+def evaluate_nll(flow: Flow, data: Tensor, batch_size: int = 1024, distributed: Distributed | None = None,
+                 context: Tensor | None = None) -> float:
     r"""The mean negative log-likelihood of ``data`` under ``flow``, in nats per example
-    (the negative one-sample bound for a dequantized flow), in eval mode.
+    (the negative one-sample bound for a dequantized flow), in eval mode; for a
+    conditional flow, :math:`-\log p(x_i \mid c_i)` with ``context`` holding one row
+    :math:`c_i` per example.
 
     Under several processes each takes every ``world_size``-th example and the sums are
     combined, so every process gets the same value.
@@ -239,10 +265,12 @@ def evaluate_nll(flow: Flow, data: Tensor, batch_size: int = 1024, distributed: 
     flow.eval()
     try:
         mine = data[distributed.rank::distributed.world_size]
+        contexts = (context[distributed.rank::distributed.world_size].split(batch_size) if context is not None
+                    else [None] * len(mine.split(batch_size)))
         total = torch.zeros((), dtype=torch.float64, device=distributed.device)
-        d = flow()
-        for batch in mine.split(batch_size):
-            total += -d.log_prob(batch.to(distributed.device)).double().sum()
+        for batch, c in zip(mine.split(batch_size), contexts):
+            c = None if c is None else c.to(distributed.device)
+            total += -flow(c).log_prob(batch.to(distributed.device)).double().sum()
         count = torch.tensor(float(len(mine)), dtype=torch.float64, device=distributed.device)
         total, count = all_reduce(total, distributed), all_reduce(count, distributed)
     finally:
@@ -315,8 +343,11 @@ def fit(
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    context: Tensor | None = None,
+    valid_context: Tensor | None = None,
 ) -> TrainResult:
-    r"""Trains ``flow`` by maximum likelihood on the examples ``train``.
+    r"""Trains ``flow`` by maximum likelihood on the examples ``train`` (for a conditional
+    flow, :math:`p(x \mid c)` on the pairs of ``train`` and ``context``).
 
     Each epoch visits the training examples in an order drawn from ``config.seed`` and
     the epoch number, in global batches of ``config.batch_size``; a step whose loss or
@@ -347,7 +378,7 @@ def fit(
     global batch; only rank 0 writes files and shows progress.
 
     Arguments:
-        flow: The flow to train (unconditional), moved to ``config.device``.
+        flow: The flow to train, moved to ``config.device``.
         train: The training examples, of shape ``(N, *flow.event_shape)``.
         valid: Validation examples of the same shape (``None``: no validation and no
             early stopping).
@@ -358,6 +389,9 @@ def fit(
         metadata: Anything JSON- or torch-serialisable to keep in the checkpoints, such
             as what is needed to rebuild the flow.
         callback: Called with a :class:`StepInfo` after each step.
+        context: For a conditional flow, the context of each training example, of shape
+            ``(N, flow.context_features)``.
+        valid_context: For a conditional flow, the context of each validation example.
 
     Returns:
         A :class:`TrainResult`.
@@ -377,29 +411,31 @@ def fit(
         raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(flow, Flow):
         raise TypeError(f"fit: flow must be a pyro_flowpack.Flow, got {type(flow).__name__}")
-    if flow.context_features:
-        raise ValueError(f"fit: trains unconditional flows; this one expects {flow.context_features} context features")
     _check_data("train", train, flow)
     if valid is not None:
         _check_data("valid", valid, flow)
+    _check_context("context", context, train, flow)
+    _check_context("valid_context", valid_context, valid, flow)
 
     folder = out if isinstance(out, RunFolder) or out is None else RunFolder(out)
     if folder is None and resume:
         raise ValueError("fit: resume=True needs the run folder `out`")
-    context = setup(config.device)
-    owns_lock = folder is not None and context.main and not folder.locked
+    distributed = setup(config.device)
+    owns_lock = folder is not None and distributed.main and not folder.locked
     if owns_lock:
         folder.lock()
     try:
-        return _fit(flow, train, valid, config, folder, resume, metadata, callback, context)
+        return _fit(flow, (train, context), (valid, valid_context), config, folder, resume, metadata, callback,
+                    distributed)
     finally:
         if owns_lock:
             folder.unlock()
 
 
-def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, folder: RunFolder | None,
+def _fit(flow: Flow, train_pair: tuple, valid_pair: tuple, config: TrainConfig, folder: RunFolder | None,
          resume: bool, metadata: dict[str, Any] | None, callback: Callable[[StepInfo], None] | None,
          context: Distributed) -> TrainResult:
+    (train, train_c), (valid, valid_c) = train_pair, valid_pair
     checkpoint = None
     if folder is not None:
         if resume:
@@ -421,6 +457,8 @@ def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, f
     flow.to(device)
     train = train.to(device)
     valid = valid.to(device) if valid is not None else None
+    train_c = train_c.to(device) if train_c is not None else None
+    valid_c = valid_c.to(device) if valid_c is not None else None
 
     size = len(train)
     batch = min(config.batch_size, size)
@@ -468,7 +506,8 @@ def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, f
         if _needs_data_init(flow):  # same first batch in every process: identical initialisation
             with torch.no_grad():
                 flow.train()
-                flow().log_prob(train[order(0)[:batch]])
+                first_batch = order(0)[:batch]
+                flow(None if train_c is None else train_c[first_batch]).log_prob(train[first_batch])
         if writes:
             folder.check_writable()
             folder.truncate_metrics(0)  # records of a run killed before its first checkpoint
@@ -519,7 +558,8 @@ def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, f
                 if state["step"] >= total_steps:
                     break
                 indices = shard(permutation[position * batch:(position + 1) * batch], context.rank, context.world_size)
-                loss = objective(train[indices.to(device)]).mean()
+                rows = indices.to(device)
+                loss = (objective(train[rows]) if train_c is None else objective(train[rows], train_c[rows])).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), config.clip or math.inf)
@@ -573,7 +613,7 @@ def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, f
             state["epoch_sum"], state["epoch_count"] = 0.0, 0
             improved = False
             if valid is not None:
-                loss_valid = evaluate_nll(flow, valid, config.eval_batch_size, context) * scale
+                loss_valid = evaluate_nll(flow, valid, config.eval_batch_size, context, valid_c) * scale
                 if math.isfinite(loss_valid):
                     record["valid_loss"] = loss_valid
                 else:  # never the best; JSON has no inf or NaN
@@ -596,11 +636,15 @@ def _fit(flow: Flow, train: Tensor, valid: Tensor | None, config: TrainConfig, f
             elif state["step"] >= total_steps:
                 state["stopped"] = "finished"
             log(record)
-            if bar is not None:
+            if bar is not None or (config.epoch_lines and context.main):
                 valid_text = "" if valid is None else (
                     f", valid {record['valid_loss']:.4f}" if record["valid_loss"] is not None
                     else f", valid {record['valid_nonfinite']}")
-                bar.write(f"epoch {epoch + 1}: train {record['train_loss']:.4f}{valid_text} {config.unit}")
+                line = f"epoch {epoch + 1}: train {record['train_loss']:.4f}{valid_text} {config.unit}"
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    print(line, file=sys.stderr, flush=True)
             save(best=improved)
     finally:
         if bar is not None:

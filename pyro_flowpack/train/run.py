@@ -140,8 +140,8 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
         >>> run = load_run(f"{folder}/run")
         >>> run.flow().log_prob(torch.tensor(rows[:3])).shape  # raw rows, in the file's units
         torch.Size([3])
-        >>> float(run.flow().sample((1000,)).mean()) // 1e6  # samples in the file's units
-        10.0
+        >>> abs(float(run.flow().sample((1000,)).mean()) - 1e7) < 1.0  # samples in the file's units
+        True
     """
     folder = RunFolder(run)
     checkpoint = folder.load(which, map_location=map_location)  # best falls back to last without validation
