@@ -224,3 +224,27 @@ def test_the_example_rejects_bad_arguments_with_exit_status_2(arguments, message
     with pytest.raises(SystemExit) as exit:
         load_example().main(arguments)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_potential_gradient_runs_each_flow_network_once():
+    """NeuTra calls T(z) then T.log_abs_det_jacobian(z, T(z)): the composition reuses its
+    own evaluation, so one potential gradient runs each of the 4 MADEs exactly once (it ran
+    each twice before the composition cached)."""
+    from pyro.ops.integrator import potential_grad
+
+    from pyro_flowpack.nn import MADE
+
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2).unsqueeze(-1).expand(v.shape + (3,))).to_event(1))
+
+    guide = AutoFlowGuide(funnel, transforms=4, hidden=(16, 16))
+    guide()
+    guide.requires_grad_(False)
+    init, potential, _, _ = initialize_model(NeuTraReparam(guide).reparam(funnel))
+    calls = []
+    for module in guide.modules():
+        if isinstance(module, MADE):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    potential_grad(potential, {k: v.clone() for k, v in init.items()})
+    assert len(calls) == 4

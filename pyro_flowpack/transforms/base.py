@@ -183,6 +183,9 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
     caches: bool = True
     #: Whether the data side holds discrete values (a dequantization layer).
     discrete_output: bool = False
+    #: Whether an evaluation draws random numbers (a dequantization layer), so that no
+    #: composition holding the layer may reuse a result.
+    stochastic: bool = False
 
     def __init__(self, event_shape: ShapeLike, context: ShapeLike = 0) -> None:
         super().__init__(cache_size=0)
@@ -492,8 +495,6 @@ class Compose(FlowTransform):
         >>> y, ladj = f.call_and_ladj(torch.randn(5, 2))
     """
 
-    caches = False
-
     def __init__(self, *transforms: Transform, event_shape: ShapeLike | None = None) -> None:
         for t in transforms:
             if not isinstance(t, Transform):
@@ -521,6 +522,7 @@ class Compose(FlowTransform):
         self.parts = list(transforms)
         self.modules_ = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
         self._shapes = shapes
+        self.caches = not any(isinstance(m, FlowTransform) and m.stochastic for m in self.modules_.modules())
 
     @property
     def output_shape(self) -> Size:
@@ -542,13 +544,13 @@ class Compose(FlowTransform):
             total = value.new_zeros(value.shape[: value.dim() - len(self.output_shape)])
         return value, total
 
-    def call_and_ladj(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_tensor("Compose", "input", x, self.event_shape)
-        return self._run(x, self._check_context(context), inverse=False)
+    # the composition caches its own evaluation too, so that ``log_abs_det_jacobian(x, y)``
+    # right after ``y = f(x)`` (as Pyro's NeuTraReparam calls them) runs no network again
+    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._run(x, context, inverse=False)
 
-    def inverse_and_ladj(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_tensor("Compose", "input", y, self.output_shape)
-        return self._run(y, self._check_context(context), inverse=True)
+    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._run(y, context, inverse=True)
 
 
 

@@ -46,6 +46,7 @@ class Dequantization(FlowTransform):
     # fresh noise at every call: never reuse an evaluation, not even for a value that
     # the flow itself just sampled
     caches = False
+    stochastic = True
     discrete_output = True
 
     def __init__(self, shape: ShapeLike, num_bins: int) -> None:
