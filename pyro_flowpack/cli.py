@@ -50,11 +50,20 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "valid_fraction": 0.1,
     "test_fraction": 0.1,
     "key": None,
+    "columns": None,
+    "drop": None,
+    "context_columns": None,
     "checkpoint_every": None,
     "progress": True,
     "k": None,  # importance samples for the final image evaluation: 64 for digits, 8 otherwise
     "temperature": 0.7,
 }
+
+# The pictures that `flowpack train` writes into the run folder.
+RUN_PICTURES = ("loss.png", "density.png", "samples.png")
+# Where `flowpack sample` writes without -o: a folder of its own, one file per draw, so
+# that it never overwrites a training picture or an earlier draw with other settings.
+DEFAULT_SAMPLES = "RUN_DIR/samples/{best|last}-n{N}-seed{S}-T{T}.npy"
 
 EXAMPLES = """\
 examples:
@@ -118,6 +127,7 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flowpack`` command."""
+    from . import __version__
     from .data import DATA_NAMES
     from .train.run import IMAGE_FLOWS, VECTOR_FLOWS
 
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     s = argparse.SUPPRESS  # train options keep "not given" apart from their defaults (for --resume)
 
@@ -151,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--flow", help=f"vectors: {', '.join(VECTOR_FLOWS)} [nsf]; images: "
                                      f"{', '.join(IMAGE_FLOWS)} [glow]")
     what.add_argument("--out", type=Path, metavar="RUN_DIR", required=True, help="the run folder to write")
+    what.add_argument("--columns", nargs="+", metavar="COLUMN",
+                      help="tabular files: the columns to model, by header name or 0-based index [all others]")
+    what.add_argument("--drop", nargs="+", metavar="COLUMN", help="tabular files: columns to leave out "
+                                                                  "(a saved row index, say)")
+    what.add_argument("--context-columns", nargs="+", metavar="COLUMN",
+                      help="tabular files: columns to condition on: trains p(x | c) on the other columns")
     what.add_argument("--resume", action="store_true", default=False,
                       help="continue the run in --out with its saved settings; --epochs / --max-steps may extend it")
     vector = train.add_argument_group("vector flows")
@@ -191,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, help="torch threads [torch's default]")
     run.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints within an epoch "
                                                                      "[end of each epoch only]")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar, only one line per epoch (for logs)")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -213,20 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw samples from a run",
         description="Draws samples from a trained run and writes them (.npy or .pt, by the suffix of -o) "
                     "with a picture beside them (same name, .png): a grid for images, a scatter plot otherwise. "
-                    "Tabular samples are in the units of the data file.",
+                    "Tabular samples are in the units of the data file. By default they go to "
+                    f"{DEFAULT_SAMPLES}, never over the run's own files (loss.png, density.png, "
+                    "samples.png, checkpoints, config, metrics, summary): an -o whose file or picture would "
+                    "be one of them is refused.",
     )
     sample.add_argument("run", type=Path, metavar="RUN_DIR")
     sample.add_argument("-n", "--num-samples", type=_positive_int, default=64, help="[64]")
     sample.add_argument("--temperature", type=_positive_float, default=1.0, help="scale of the base noise [1.0]")
-    sample.add_argument("-o", "--output", type=Path, help="file to write, .npy or .pt [RUN_DIR/samples.npy]")
+    sample.add_argument("-o", "--output", type=Path, help=f"file to write, .npy or .pt [{DEFAULT_SAMPLES}]")
     sample.add_argument("--checkpoint", choices=["best", "last"], default="best", help="[best]")
     sample.add_argument("--seed", type=_seed, default=0, help="[0]")
+    sample.add_argument("--context", type=float, nargs="+", metavar="VALUE",
+                        help="a run with context columns: their values (in the file's units), one per column; "
+                             "the samples are drawn from p(x | c) at them")
     sample.add_argument("--device", type=_device, default="cpu", help="[cpu]")
     return parser
 
 
 def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: settings[k] for k in ("root", "download", "seed", "size", "valid_fraction", "test_fraction", "key")}
+    keys = ("root", "download", "seed", "size", "valid_fraction", "test_fraction", "key", "columns", "drop",
+            "context_columns")
+    return {k: settings.get(k) for k in keys}
 
 
 def _load_data(spec: str, options: dict[str, Any]):
@@ -235,8 +261,15 @@ def _load_data(spec: str, options: dict[str, Any]):
     options = dict(options)
     if options.get("root") is not None:
         options["root"] = str(options["root"])
+    import warnings
+
     try:
-        return load_data(spec, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            data = load_data(spec, **options)
+        for warning in caught:  # one line each, as every message of the command
+            print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+        return data
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
     except (OSError, RuntimeError) as error:  # torchvision without a network, a full disk, ...
@@ -346,13 +379,15 @@ def _train(args: argparse.Namespace) -> int:
     flow_options = _flow_options(settings, data.kind)
     torch.manual_seed(settings["seed"])
     try:
-        flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins, **flow_options)
+        flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins,
+                          context=len(data.context_columns or []), **flow_options)
         config = TrainConfig(
             epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
             weight_decay=settings["weight_decay"], schedule=settings["schedule"], warmup=settings["warmup"],
             clip=settings["clip"], patience=settings["patience"], max_steps=settings["max_steps"],
             seed=settings["seed"], device=settings["device"], threads=settings["threads"],
             checkpoint_every=settings["checkpoint_every"], progress=settings["progress"],
+            epoch_lines=not settings["progress"],
             unit="bits/dim" if image else "nats",
         )
         distributed = setup(config.device)
@@ -369,6 +404,10 @@ def _train(args: argparse.Namespace) -> int:
         "data": {"spec": settings["data"], **_data_options(settings),
                  "sha256": _file_digest(settings["data"]) if data.kind == "tabular" else None},
         "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
+        "columns": data.columns,
+        "context_columns": data.context_columns,
+        "context_standardizer": (data.context_standardizer.state_dict()
+                                 if data.context_standardizer is not None else None),
     }
     if distributed.main:
         try:
@@ -399,7 +438,9 @@ def _train_in(folder, flow, data, config, settings, metadata, resume, distribute
               f"{torch.get_num_threads()} threads; run folder {out}", flush=True)
     valid = data.valid if len(data.valid) else None
     try:
-        result = fit(flow, data.train, valid, config, out=folder, resume=resume, metadata=metadata)
+        context = data.context or {}
+        result = fit(flow, data.train, valid, config, out=folder, resume=resume, metadata=metadata,
+                     context=context.get("train"), valid_context=context.get("valid") if valid is not None else None)
     except (NonFiniteLossError, NoFiniteValidationError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
@@ -428,7 +469,8 @@ def _train_in(folder, flow, data, config, settings, metadata, resume, distribute
                         # seconds of training over all resumed parts of the run
                         "train_time_s": round(result.history[-1]["time"], 2) if result.history else 0.0,
                         "checkpoint": str(best)})
-        pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"])
+        pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"],
+                             _picture_title(data.name, settings["flow"], summary))
         summary["pictures"] = [str(p) for p in pictures]
         if not all(math.isfinite(summary[k]) for k in ("nll", "nll_data_units", "bpd_bound", "bpd_iw") if k in summary):
             print(f"{PROG}: the final evaluation is not finite: {_summary_text(summary)}", file=sys.stderr)
@@ -448,7 +490,7 @@ def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = 
     x = getattr(data, split)
     if len(x) == 0:
         raise CommandError(f"the {split} split of {data.name} is empty")
-    nll = evaluate_nll(flow, x, 1024, distributed)
+    nll = evaluate_nll(flow, x, 1024, distributed, context=(data.context or {}).get(split))
     summary: dict[str, Any] = {"data": data.name, "split": split, "examples": len(x)}
     if data.kind == "image":
         dims = data.event_shape.numel()
@@ -475,27 +517,69 @@ def _summary_text(summary: dict[str, Any]) -> str:
     return text
 
 
-def _pictures(flow, data, out: Path, temperature: float, unit: str) -> list[Path]:
-    """Loss curve and a picture of the model in the run folder."""
+def _picture_title(data_name: str | None, flow_name: str | None, summary: dict[str, Any] | None) -> str:
+    """What a picture shows: the data set (a file by its name), the flow and, if known, its
+    test NLL (tabular: also in data units) or bits/dim."""
+    parts = [Path(data_name).name if data_name else None, flow_name]
+    if summary:
+        if summary["unit"] == "bits/dim":
+            nll = f"{summary['split']} {summary['bpd_bound']:.4f} bits/dim (bound)"
+            if "bpd_iw" in summary:
+                nll += f", {summary['bpd_iw']:.4f} (importance-weighted, k={summary['k']})"
+        else:
+            nll = f"{summary['split']} NLL {summary['nll']:.4f} nats"
+            if "nll_data_units" in summary:
+                nll += f" (standardised), {summary['nll_data_units']:.4f} nats in data units"
+        parts.append(nll)
+    return " | ".join(p for p in parts if p)
+
+
+def _header_names(path: str | None, columns: list[str] | None, features: int) -> list[str] | None:
+    """The CSV header's names of the modelled columns (``columns``, the run's selection, or
+    all), for axis labels; ``None`` for a file without a header."""
+    from .data import column_names
+
+    header = column_names(path) if path else None
+    names = header if header is None or columns is None else columns
+    return list(names) if names is not None and len(names) == features else None
+
+
+def _sampled(title: str, temperature: float) -> str:
+    """``title`` for a picture of samples drawn at ``temperature``."""
+    return " | ".join(p for p in (title, f"samples at T={temperature:g}") if p)
+
+
+def _pictures(flow, data, out: Path, temperature: float, unit: str, title: str = "") -> list[Path]:
+    """Loss curve and a picture of the model in the run folder, titled ``title``."""
     import torch
 
     from . import plots
-
     from .train import read_metrics
 
-    paths = [plots.loss_curve(read_metrics(out), out / "loss.png", unit=unit)]
+    loss_png, density_png, samples_png = (out / name for name in RUN_PICTURES)
+    paths = [plots.loss_curve(read_metrics(out), loss_png, unit=unit, title=title)]
     flow.eval()
+    context = (data.context or {}).get("test")
+
+    def draw(n: int):  # a conditional flow: one draw for each of the first n test contexts
+        if context is None:
+            return flow().sample((n,))
+        return flow(context[:n].to(next(flow.parameters()))).sample()
+
     with torch.no_grad():
         if data.kind == "image":
             samples = flow().sample((64,), temperature=temperature)
-            paths.append(plots.image_grid(samples.cpu(), out / "samples.png", num_bins=data.num_bins))
-        elif data.event_shape[0] == 2:
+            paths.append(plots.image_grid(samples.cpu(), samples_png, num_bins=data.num_bins,
+                                          title=_sampled(title, temperature)))
+        elif data.event_shape[0] == 2 and context is None:
+            samples = _to_data_units(flow().sample((len(data.test),)).cpu(), data)
             paths.append(plots.density_2d(_data_units_log_prob(flow, data), _to_data_units(data.test, data),
-                                          out / "density.png", samples=_to_data_units(
-                                              flow().sample((len(data.test),)).cpu(), data)))
+                                          density_png, samples=samples, title=_sampled(title, 1.0)))
         else:
-            samples = _to_data_units(flow().sample((min(len(data.test), 2000),)).cpu(), data)
-            paths.append(plots.scatter(samples, out / "samples.png", data=_to_data_units(data.test[:2000], data)))
+            samples = _to_data_units(draw(min(len(data.test), 2000)).cpu(), data)
+            names = _header_names(data.name, data.columns, samples.shape[1]) if data.kind == "tabular" else None
+            paths.append(plots.scatter(samples, samples_png, data=_to_data_units(data.test[:2000], data), names=names,
+                                       title=_sampled(title, 1.0)))
     return paths
 
 
@@ -556,19 +640,64 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_run_files(run_dir: Path, *paths: Path) -> None:
+    """Refuses a path that is one of the run's own files (pictures, checkpoints, logs)."""
+    from .train.folder import FILES
+
+    run_dir = run_dir.resolve()
+    own = {run_dir / name for name in (*FILES.values(), *RUN_PICTURES)}
+    for path in paths:
+        target = path.resolve()
+        if target in own or run_dir / "checkpoints" in target.parents:
+            raise CommandError(f"-o {paths[0]} would write {target.relative_to(run_dir)} over the run's own files "
+                               f"(pictures, checkpoints, config, metrics, summary); choose another file (the "
+                               f"default is {DEFAULT_SAMPLES})")
+
+
+def _summary_of(run_dir: Path, run) -> dict[str, Any] | None:
+    """The run's summary.json if it evaluated the model of ``run``'s checkpoint, else
+    ``None``: another checkpoint, or a summary left behind by a resumed run that was
+    stopped after a better model was saved, would report another model's NLL."""
+    from .train.folder import RunFolder
+
+    state = run.checkpoint.get("state") or {}
+    try:
+        summary = json.loads(RunFolder(run_dir).file("summary").read_text())
+        same = Path(summary["checkpoint"]).resolve() == Path(run.path).resolve() and (
+            (state.get("best_epoch"), state.get("best_valid")) == (summary["best_epoch"], summary["best_valid"])
+            if summary["best_epoch"] is not None else state.get("step") == summary["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary if same else None
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import plots
+    from .data import DATA_ALIASES
     from .train import write_atomically
 
     run = _load(args.run, args.checkpoint, args.device)
-    output = args.output or args.run / "samples.npy"
+    output = args.output or args.run / "samples" / (
+        f"{args.checkpoint}-n{args.num_samples}-seed{args.seed}-T{args.temperature:g}.npy")
     if output.suffix not in (".npy", ".pt"):
         raise CommandError(f"-o/--output must end in .npy or .pt, got {output}")
+    picture = output.with_suffix(".png")
+    _refuse_run_files(args.run, output, picture)
+    context_columns = run.metadata.get("context_columns") or []
+    if bool(context_columns) != (args.context is not None) or (args.context and len(args.context) != len(context_columns)):
+        wanted = (f"--context with {len(context_columns)} value(s), for {', '.join(context_columns)}" if context_columns
+                  else "no --context (the run is unconditional)")
+        raise CommandError(f"{args.run} needs {wanted}, got {args.context!r}")
+    context = None
+    if args.context is not None:
+        if not all(math.isfinite(v) for v in args.context):
+            raise CommandError(f"--context values must be finite, got {args.context!r}")
+        context = torch.tensor(args.context, dtype=torch.float64)
     torch.manual_seed(args.seed)
-    with torch.no_grad():  # run.flow is in the units of the data file
-        samples = run.flow().sample((args.num_samples,), temperature=args.temperature).cpu()
+    with torch.no_grad():  # run.flow is in the units of the data file, and so is its context
+        samples = run.flow(context).sample((args.num_samples,), temperature=args.temperature).cpu()
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".pt":
         write_atomically(output, lambda p: torch.save(samples, p))
@@ -580,11 +709,16 @@ def _sample(args: argparse.Namespace) -> int:
                 numpy.save(file, samples.numpy())
 
         write_atomically(output, save)
-    picture = output.with_suffix(".png")
+    data = run.metadata.get("data") or {}
+    spec = data.get("spec")
+    title = _sampled(_picture_title(DATA_ALIASES.get(spec, spec), (run.metadata.get("flow") or {}).get("name"),
+                                    _summary_of(args.run, run)), args.temperature)
     if samples.dim() == 4:
-        plots.image_grid(samples, picture, num_bins=run.metadata["num_bins"])
+        plots.image_grid(samples, picture, num_bins=run.metadata["num_bins"], title=title)
     else:
-        plots.scatter(samples, picture)
+        names = (_header_names(spec, run.metadata.get("columns"), samples.shape[1])
+                 if run.metadata.get("kind") == "tabular" else None)
+        plots.scatter(samples, picture, names=names, title=title)
     print(f"{PROG}: wrote {args.num_samples} samples of shape {tuple(samples.shape[1:])} to {output} and {picture}")
     return 0
 

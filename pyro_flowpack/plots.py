@@ -1,6 +1,10 @@
 r"""Pictures of a run, written as PNG files: loss curves, 2-D densities and samples,
 image grids and scatter plots.
 
+Every function takes an optional ``title`` (what the picture shows: the data set, the
+flow, its test NLL, the sampling temperature), drawn above the picture and also stored as
+the PNG's ``Title`` text chunk, so that a program can read what a picture claims to show.
+
 matplotlib is imported inside the functions, and only through
 :class:`matplotlib.figure.Figure` with the Agg canvas, so importing this module costs
 nothing and pyplot's global state (a user's notebook backend, open figures) is never
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -55,8 +60,26 @@ def _figure(width: float, height: float) -> "Figure":
 
 def _save(figure: "Figure", path: str | os.PathLike[str]) -> Path:
     path = Path(path)
-    write_atomically(path, lambda p: figure.savefig(p, format="png", dpi=DPI))
+    title = " ".join(figure.get_suptitle().split())  # the drawn title, unwrapped
+    metadata = {"Title": title} if title else None
+    write_atomically(path, lambda p: figure.savefig(p, format="png", dpi=DPI, metadata=metadata))
     return path
+
+
+def _title_lines(title: str | None, width: float) -> list[str]:
+    r"""``title`` wrapped at spaces to lines of about ``width`` pixels (none without a title)."""
+    return textwrap.wrap(" ".join(title.split()), max(8, int(width // 7))) if title else []  # ~7 px a character
+
+
+def _title(figure: "Figure", title: str | None, width: float, **options: Any) -> None:
+    r"""Draws ``title`` above the picture, wrapped to ``width`` pixels; :func:`_save`
+    stores it in the PNG."""
+    lines = _title_lines(title, width)
+    if lines:
+        figure.suptitle("\n".join(lines), fontsize=10, **options)
+
+
+_LINE = 17  # pixels of one line of a 10-point title at DPI = 100
 
 
 def _points(name: str, argument: str, x: Any, features: int | None = None) -> np.ndarray:
@@ -95,7 +118,11 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def loss_curve(
-    records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, unit: str = "nats"
+    records: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    unit: str = "nats",
+    title: str | None = None,
 ) -> Path:
     r"""Plots the training and validation losses of a run against the step.
 
@@ -111,6 +138,7 @@ def loss_curve(
         path: The PNG file to write.
         unit: The unit of the losses, shown on the :math:`y` axis (``"nats"`` or
             ``"bits/dim"``).
+        title: A title above the curves (e.g. the data set, the flow and its test NLL).
 
     Returns:
         The path written.
@@ -149,6 +177,7 @@ def loss_curve(
     axes.set_xlabel("step")
     axes.set_ylabel(f"negative log-likelihood ({unit})")
     axes.grid(alpha=0.3)
+    _title(figure, title, 6.4 * DPI)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -274,6 +303,7 @@ def density_2d(
     bounds: Bounds | float | None = None,
     grid: int = 200,
     context: Tensor | None = None,
+    title: str | None = None,
 ) -> Path:
     r"""Draws three panels side by side: the data, samples of the flow, and the learned
     density :math:`\exp \log p_X(x)` as a heat map (see :func:`density_grid`).
@@ -294,6 +324,8 @@ def density_2d(
             (default: the 0.5% and 99.5% quantiles of the data, widened by 10%).
         grid: The number of heat-map cells along each axis.
         context: The context of a conditional flow, of shape ``(C,)``.
+        title: A title above the panels (e.g. the data set, the flow, its test NLL and
+            the temperature of the samples).
 
     Returns:
         The path written.
@@ -338,6 +370,7 @@ def density_2d(
         axes.set_xlim(x0, x1)
         axes.set_ylim(y0, y1)
         axes.set_box_aspect(1.0)
+    _title(figure, title, 13.5 * DPI)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -365,7 +398,12 @@ def _image_array(images: Any, num_bins: int | None) -> np.ndarray:
 
 
 def image_grid(
-    images: Tensor, path: str | os.PathLike[str], *, num_bins: int | None = None, nrow: int | None = None
+    images: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    num_bins: int | None = None,
+    nrow: int | None = None,
+    title: str | None = None,
 ) -> Path:
     r"""Draws images as a grid without axes, small images enlarged by an integer factor
     (nearest neighbour, so that pixels stay sharp).
@@ -377,6 +415,8 @@ def image_grid(
         path: The PNG file to write.
         num_bins: The number of levels a pixel can take (e.g. 256, 17 for digits).
         nrow: Images per row (default: :math:`\lceil \sqrt{N} \rceil`, a square-ish grid).
+        title: A title in a band above the grid (e.g. the data set, the flow, its test
+            bits/dim and the temperature); the grid keeps its size in pixels.
 
     Returns:
         The path written.
@@ -404,8 +444,13 @@ def image_grid(
         mosaic[top : top + height, left : left + width] = array[index]
     scale = max(1, min(math.ceil(_TILE / max(height, width)), _MOSAIC // max(mosaic.shape[:2])))
     mosaic = mosaic.repeat(scale, axis=0).repeat(scale, axis=1)
-    figure = _figure(mosaic.shape[1] / DPI, mosaic.shape[0] / DPI)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    height, width = mosaic.shape[:2]
+    figure = _figure(width / DPI, height / DPI)
+    lines = len(_title_lines(title, width))
+    band = _LINE * lines + 8 if lines else 0  # pixels above the grid, so that the grid keeps its size
+    figure.set_size_inches(width / DPI, (height + band) / DPI)
+    _title(figure, title, width, y=1.0 - 4 / (height + band), va="top")
+    axes = figure.add_axes((0.0, 0.0, 1.0, height / (height + band)))
     axes.axis("off")
     if channels == 1:
         axes.imshow(mosaic[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -420,17 +465,28 @@ def _shared_edges(sets: list[tuple[str, np.ndarray, str]], dim: int, bins: int) 
 
 
 def scatter(
-    samples: Tensor, path: str | os.PathLike[str], *, data: Tensor | None = None, max_dims: int = 4
+    samples: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    data: Tensor | None = None,
+    max_dims: int = 4,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     r"""Draws samples as points: one scatter plot in 2-D, a histogram in 1-D, and a
     pairwise scatter matrix of the first ``max_dims`` coordinates (histograms on the
-    diagonal) in more dimensions. Data, if given, is overlaid in another colour.
+    diagonal) in more dimensions. Data, if given, is overlaid in another colour. When
+    only some coordinates are shown, the title says which (``features 1-4 of 12``).
 
     Arguments:
         samples: Samples of shape ``(N, D)``.
         path: The PNG file to write.
         data: Data of shape ``(M, D)`` to compare with.
         max_dims: The most coordinates shown in the scatter matrix.
+        names: The names of the ``D`` coordinates for the axis labels (e.g. a CSV
+            file's header; default :math:`x_1, \dots, x_D`).
+        title: A title above the plots (e.g. the data set, the flow, its test NLL and
+            the temperature of the samples).
 
     Returns:
         The path written.
@@ -451,6 +507,14 @@ def scatter(
     k = min(features, max_dims)
     if k == 0:
         raise ValueError(f"scatter: samples must have at least one feature, got shape {tuple(samples_np.shape)}")
+    if names is not None and (isinstance(names, str) or len(names) != features):
+        raise ValueError(f"scatter: names must be a list of {features} names (one a feature), got {names!r}")
+    # mathtext would read a $ in a header name
+    labels = [str(n).replace("$", r"\$") for n in names] if names is not None else [
+        f"$x_{{{i + 1}}}$" for i in range(features)]
+    if k < features:
+        shown = f"feature 1 of {features}" if k == 1 else f"features 1-{k} of {features}"
+        title = f"{title} | {shown}" if title else shown
     if k <= 2:
         figure = _figure(5.0, 5.0)
         axes = figure.add_subplot()
@@ -460,8 +524,8 @@ def scatter(
                 axes.hist(points[:, 0], bins=edges, density=True, alpha=0.5, color=colour, label=label)
             else:
                 axes.scatter(points[:, 0], points[:, 1], s=4, alpha=0.5, color=colour, linewidths=0, label=label)
-        axes.set_xlabel("$x_1$")
-        axes.set_ylabel("density" if k == 1 else "$x_2$")
+        axes.set_xlabel(labels[0])
+        axes.set_ylabel("density" if k == 1 else labels[1])
         axes.legend()
     else:
         figure = _figure(2.2 * k, 2.2 * k)
@@ -477,9 +541,10 @@ def scatter(
                         axes.scatter(points[:, j], points[:, i], s=2, alpha=0.4, color=colour, linewidths=0)
                 axes.tick_params(labelsize=6)
                 if i == k - 1:
-                    axes.set_xlabel(f"$x_{{{j + 1}}}$")
+                    axes.set_xlabel(labels[j])
                 if j == 0:
-                    axes.set_ylabel(f"$x_{{{i + 1}}}$")
+                    axes.set_ylabel(labels[i])
         grid[0, 0].legend(fontsize=6)
+    _title(figure, title, figure.get_figwidth() * DPI)
     figure.tight_layout()
     return _save(figure, path)

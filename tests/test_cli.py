@@ -155,9 +155,9 @@ def test_sample_writes_npy_pt_and_a_picture(moons_run, tmp_path, capsys):
     assert status == 0, err
     assert torch.load(tmp_path / "sub" / "s.pt").shape == (5, 2)
     assert_png(tmp_path / "sub" / "s.png")
-    status, _, err = flowpack(["sample", moons_run, "-n", 3], capsys)  # default: RUN_DIR/samples.npy
+    status, _, err = flowpack(["sample", moons_run, "-n", 3], capsys)  # default: RUN_DIR/samples/...
     assert status == 0, err
-    assert np.load(moons_run / "samples.npy").shape == (3, 2)
+    assert np.load(moons_run / "samples" / "best-n3-seed0-T1.npy").shape == (3, 2)
 
 
 def test_sample_temperature_shrinks_the_spread_and_the_seed_fixes_the_draw(moons_run, tmp_path, capsys):

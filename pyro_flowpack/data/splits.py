@@ -18,7 +18,9 @@ state is neither read nor changed.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -60,6 +62,12 @@ class DataSplits:
             to data units.
         labels: Images only: the class labels of each split, keyed ``"train"``,
             ``"valid"`` and ``"test"``.
+        columns: Tabular only: the names of the modelled columns (the header's, else
+            ``"column <i>"`` with the file's 0-based index).
+        context: Tabular data with context columns: the standardised context of each
+            split, keyed ``"train"``, ``"valid"`` and ``"test"``, one row per example.
+        context_columns: The names of the context columns.
+        context_standardizer: The map fitted on the train split's context.
     """
 
     name: str
@@ -71,6 +79,10 @@ class DataSplits:
     num_bins: int | None = None
     standardizer: Standardizer | None = None
     labels: dict[str, Tensor] | None = None
+    columns: list[str] | None = None
+    context: dict[str, Tensor] | None = None
+    context_columns: list[str] | None = None
+    context_standardizer: Standardizer | None = None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{split}={len(getattr(self, split))}" for split in ("train", "valid", "test"))
@@ -109,6 +121,9 @@ def load_data(
     valid_fraction: float = 0.1,
     test_fraction: float = 0.1,
     key: str | None = None,
+    columns: Sequence[str | int] | None = None,
+    drop: Sequence[str | int] | None = None,
+    context_columns: Sequence[str | int] | None = None,
 ) -> DataSplits:
     r"""Loads the data set ``spec`` as train, validation and test splits.
 
@@ -138,6 +153,11 @@ def load_data(
         valid_fraction: The fraction of the data in the validation split, in ``[0, 1)``.
         test_fraction: The fraction in the test split (toy and tabular data).
         key: The array of an ``.npz`` file or the tensor of a ``.pt`` dict to read.
+        columns: Tabular files: the columns to model, by header name or 0-based index
+            (default: all but ``drop`` and ``context_columns``).
+        drop: Tabular files: columns to leave out (a row index saved by pandas, say).
+        context_columns: Tabular files: columns to condition on, for a density
+            :math:`p(x \mid c)`; standardised like the others, with their own statistics.
 
     Returns:
         The splits, with their event shape and, by kind, ``num_bins``, ``labels`` or the
@@ -178,7 +198,10 @@ def load_data(
                 f"unknown data set {text!r}: neither a known name nor an existing file; known names are "
                 f"{', '.join(DATA_NAMES)}, or give the path of a {'/'.join(SUPPORTED_SUFFIXES)} file"
             )
-        return _tabular(text, key, seed, size, valid_fraction, test_fraction)
+        return _tabular(text, key, seed, size, valid_fraction, test_fraction, columns, drop, context_columns)
+    if columns is not None or drop is not None or context_columns is not None:
+        raise ValueError(f"load_data: columns, drop and context_columns apply only to tabular files, not to the "
+                         f"data set {name!r}")
     if key is not None:
         raise ValueError(f"load_data: key={key!r} applies only to .npz and .pt files, not to the data set {name!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -196,10 +219,61 @@ def _toy(name: str, seed: int, size: int | None, valid_fraction: float, test_fra
     return DataSplits(name, "toy", train, valid, test, event_shape=torch.Size([2]))
 
 
+def _column_index(spec: str | int, names: list[str] | None, width: int, path: str) -> int:
+    """The 0-based index of a column given by header name or by index."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        index = spec
+    elif names is not None and spec in names:
+        return names.index(spec)
+    elif isinstance(spec, str) and spec.strip().lstrip("-").isdigit():
+        index = int(spec)
+    else:
+        known = f"the header's names are {', '.join(map(repr, names))}" if names else "the file has no header"
+        raise ValueError(f"{path}: no column {spec!r}; {known}, or give a 0-based index below {width}")
+    if not 0 <= index < width:
+        raise ValueError(f"{path}: column index {index} is out of range: the file has {width} columns (0 to "
+                         f"{width - 1})")
+    return index
+
+
+def _select(path: str, width: int, names: list[str] | None, columns, drop, context_columns):
+    """The indices of the modelled and of the context columns."""
+    def indices(specs):
+        return [] if specs is None else [_column_index(c, names, width, path) for c in specs]
+
+    chosen, dropped, context = indices(columns), set(indices(drop)), indices(context_columns)
+    if columns is None:
+        chosen = [j for j in range(width) if j not in dropped and j not in context]
+    label = (lambda j: names[j]) if names else (lambda j: f"column {j}")
+    described = (lambda j: f"{names[j]!r} (column {j}, counted from 0)") if names else (lambda j: f"{j} (counted from 0)")
+    for group, members in (("columns", chosen), ("context_columns", context)):
+        repeated = sorted({label(j) for j in members if members.count(j) > 1})
+        if repeated:
+            raise ValueError(f"{path}: {group} names a column twice: {', '.join(repeated)}")
+    clash = sorted({label(j) for j in chosen if j in context or j in dropped} | {label(j) for j in context if j in dropped})
+    if clash:
+        raise ValueError(f"{path}: a column cannot be modelled, a context and dropped at once: {', '.join(clash)}")
+    if not chosen:
+        raise ValueError(f"{path}: no column left to model out of {width}")
+    return (chosen, context, [label(j) for j in chosen], [label(j) for j in context],
+            [described(j) for j in chosen], [described(j) for j in context])
+
+
+def _integer_columns(x: Tensor, names: list[str]) -> list[str]:
+    return [names[j] for j in range(x.shape[1]) if bool((x[:, j] == x[:, j].round()).all())]
+
+
 def _tabular(
-    path: str, key: str | None, seed: int, size: int | None, valid_fraction: float, test_fraction: float
+    path: str, key: str | None, seed: int, size: int | None, valid_fraction: float, test_fraction: float,
+    columns=None, drop=None, context_columns=None,
 ) -> DataSplits:
-    x = load_tabular(path, key=key)
+    table = load_tabular(path, key=key)
+    header = column_names(path)
+    if header is not None and len(header) != table.shape[1]:
+        header = None
+    chosen, context, names, context_names, labels, context_labels = _select(
+        path, table.shape[1], header, columns, drop, context_columns)
+    x = table[:, chosen]
     n_train, n_valid, n_test = _sizes(len(x), valid_fraction, test_fraction)
     if n_train < 2:
         raise ValueError(
@@ -207,14 +281,34 @@ def _tabular(
             f"{valid_fraction!r} and test_fraction={test_fraction!r}; at least 2 are needed"
         )
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    test, valid, train = (x[index] for index in order.split([n_test, n_valid, n_train]))
+    pieces = order.split([n_test, n_valid, n_train])
     if size is not None:
-        train = train[:size]
+        pieces = (pieces[0], pieces[1], pieces[2][:size])
+    test, valid, train = (x[index] for index in pieces)
     # standardised in the file's precision (float64 for text), then cast for training
-    check_columns(train, torch.float32, column_names(path), f"the train split of {path}")
+    check_columns(train, torch.float32, labels, f"the train split of {path}")
+    integers = _integer_columns(train, names)
+    if integers:
+        warnings.warn(
+            f"{path}: {len(integers)} column(s) hold only integers ({', '.join(map(repr, integers[:5]))}"
+            f"{', ...' if len(integers) > 5 else ''}): a flow is a density over real numbers, so its NLL there is "
+            "not the likelihood of the discrete values", UserWarning, stacklevel=3)
     standardizer = Standardizer.fit(train)
-    splits = (standardizer.transform(split).to(torch.float32) for split in (train, valid, test))
-    return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer)
+    splits = [standardizer.transform(split).to(torch.float32) for split in (train, valid, test)]
+    extra: dict = {}
+    if context:
+        c = table[:, context]
+        c_test, c_valid, c_train = (c[index] for index in pieces)
+        check_columns(c_train, torch.float32, context_labels, f"the context of the train split of {path}")
+        context_standardizer = Standardizer.fit(c_train)
+        extra = {
+            "context": {name: context_standardizer.transform(part).to(torch.float32)
+                        for name, part in (("train", c_train), ("valid", c_valid), ("test", c_test))},
+            "context_columns": context_names,
+            "context_standardizer": context_standardizer,
+        }
+    return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer,
+                      columns=names, **extra)
 
 
 def _images(

@@ -400,7 +400,7 @@ def column_names(path: str | os.PathLike[str]) -> list[str] | None:
 
 
 def _column(index: int, names: list[str] | None) -> str:
-    return f"{names[index]!r} (column {index}, counted from 0)" if names else f"{index} (counted from 0)"
+    return names[index] if names else f"{index} (counted from 0)"
 
 
 def check_columns(x: Tensor, dtype: torch.dtype = torch.float32, names: list[str] | None = None,
@@ -417,13 +417,14 @@ def check_columns(x: Tensor, dtype: torch.dtype = torch.float32, names: list[str
     Arguments:
         x: The samples, ``(N, D)``, in the file's precision.
         dtype: The precision the flow is trained in.
-        names: The column names (from a header), for the messages.
+        names: How the messages name each column (e.g. ``"'price' (column 3, counted from 0)"``).
         what: What ``x`` is, for the messages (e.g. ``"the train split of data.csv"``).
 
     Example:
         >>> x = torch.tensor([[1e7, 1.0], [1e7 + 0.1, 2.0], [1e7 + 0.2, 3.0]], dtype=torch.float64)
         >>> check_columns(x)  # standardised in float64 first: the 0.1 steps survive float32
-        >>> check_columns(torch.tensor([[1.0, 5.0], [2.0, 5.0]]), names=["a", "b"])
+        >>> check_columns(torch.tensor([[1.0, 5.0], [2.0, 5.0]]), names=["'a' (column 0, counted from 0)",
+        ...                                                          "'b' (column 1, counted from 0)"])
         Traceback (most recent call last):
             ...
         ValueError: column 'b' (column 1, counted from 0) of the data is constant (every row is 5.0); drop it

@@ -58,7 +58,7 @@ FILES = {
 #: never what it computes. Every other setting (of :class:`~pyro_flowpack.train.TrainConfig`
 #: or of the ``flowpack`` command) must be the one the run was started with.
 RESUMABLE = frozenset({
-    "epochs", "max_steps", "device", "threads", "progress", "patience", "checkpoint_every",
+    "epochs", "max_steps", "device", "threads", "progress", "epoch_lines", "patience", "checkpoint_every",
     "eval_batch_size", "log_every", "max_nonfinite", "k", "temperature", "root", "download",
 })
 

@@ -17,23 +17,25 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..flow import Flow
-from ..flows import IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
+from ..flows import CNF, IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
 from ..data.tabular import Standardizer
 from ..transforms.elementwise import ElementwiseAffine
 from .folder import RunFolder
 
-__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run"]
+__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run", "RawUnitsFlow"]
 
-#: Flows for vectors ``(D,)``: name -> builder(features, transforms, hidden, bins).
+#: Flows for vectors ``(D,)``: name -> builder(features, context, transforms, hidden, bins).
 VECTOR_FLOWS: dict[str, Callable[..., Flow]] = {
-    "nsf": lambda features, transforms, hidden, bins: NSF(features, transforms=transforms, hidden=hidden, bins=bins),
-    "nsf-ar": lambda features, transforms, hidden, bins: NSF(
-        features, transforms=transforms, hidden=hidden, bins=bins, autoregressive=True
-    ),
-    "maf": lambda features, transforms, hidden, bins: MAF(features, transforms=transforms, hidden=hidden),
-    "iaf": lambda features, transforms, hidden, bins: IAF(features, transforms=transforms, hidden=hidden),
-    "realnvp": lambda features, transforms, hidden, bins: RealNVP(features, transforms=transforms, hidden=hidden),
-    "nice": lambda features, transforms, hidden, bins: NICE(features, transforms=transforms, hidden=hidden),
+    "nsf": lambda features, context, transforms, hidden, bins: NSF(
+        features, context, transforms=transforms, hidden=hidden, bins=bins),
+    "nsf-ar": lambda features, context, transforms, hidden, bins: NSF(
+        features, context, transforms=transforms, hidden=hidden, bins=bins, autoregressive=True),
+    "maf": lambda features, context, transforms, hidden, bins: MAF(features, context, transforms, hidden),
+    "iaf": lambda features, context, transforms, hidden, bins: IAF(features, context, transforms, hidden),
+    "realnvp": lambda features, context, transforms, hidden, bins: RealNVP(features, context, transforms, hidden),
+    "nice": lambda features, context, transforms, hidden, bins: NICE(features, context, transforms, hidden),
+    # continuous (zuko's ODE solver): ``transforms`` is not used
+    "cnf": lambda features, context, transforms, hidden, bins: CNF(features, context, hidden=hidden),
 }
 
 #: Multi-scale flows for images ``(C, H, W)``, each ending in a dequantization layer.
@@ -45,6 +47,7 @@ def build_flow(
     event_shape: Sequence[int],
     *,
     num_bins: int | None = None,
+    context: int = 0,
     transforms: int = 4,
     hidden: Sequence[int] = (128, 128),
     bins: int = 8,
@@ -56,8 +59,8 @@ def build_flow(
 ) -> Flow:
     r"""Builds the flow ``name`` for events of ``event_shape``.
 
-    Vector flows (:data:`VECTOR_FLOWS`) use ``transforms``, ``hidden`` and (splines)
-    ``bins``; image flows (:data:`IMAGE_FLOWS`, for ``(C, H, W)`` events with
+    Vector flows (:data:`VECTOR_FLOWS`) use ``context`` (the number of context
+    features of a conditional flow), ``transforms``, ``hidden`` and (splines) ``bins``; image flows (:data:`IMAGE_FLOWS`, for ``(C, H, W)`` events with
     ``num_bins`` levels) use ``levels``, ``depth`` (steps per level),
     ``hidden_channels``, ``dequantization``, ``coupling`` (Glow) and ``bins``.
 
@@ -73,12 +76,14 @@ def build_flow(
             kind = "an image flow, for (C, H, W) data" if name in IMAGE_FLOWS else "unknown"
             raise ValueError(f"flow {name!r} is {kind}; for vectors of {shape[0]} features choose one of "
                              f"{', '.join(VECTOR_FLOWS)}")
-        return VECTOR_FLOWS[name](shape[0], transforms, tuple(hidden), bins)
+        return VECTOR_FLOWS[name](shape[0], context, transforms, tuple(hidden), bins)
     if len(shape) == 3:
         if name not in IMAGE_FLOWS:
             kind = "a vector flow, for (D,) data" if name in VECTOR_FLOWS else "unknown"
             raise ValueError(f"flow {name!r} is {kind}; for images of shape {shape} choose one of "
                              f"{', '.join(IMAGE_FLOWS)}")
+        if context:
+            raise ValueError(f"image flows are unconditional, got context={context}")
         if num_bins is None:
             raise ValueError("image flows need num_bins, the number of levels of a pixel")
         options: dict[str, Any] = {"coupling": coupling, "bins": bins} if name == "glow" else {}
@@ -150,7 +155,7 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     if "flow" not in metadata or "event_shape" not in metadata:
         raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
     model = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
-                       **metadata["flow"].get("options", {}))
+                       context=len(metadata.get("context_columns") or []), **metadata["flow"].get("options", {}))
     model.load_state_dict(checkpoint["model"])
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     model.to(device).eval()
@@ -158,5 +163,33 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     if metadata.get("standardizer") is not None:
         standardizer = Standardizer.from_state_dict(metadata["standardizer"])
         back = ElementwiseAffine(standardizer.mean, standardizer.std)
-        flow = Flow([copy.deepcopy(model.transform), back], base=model.base()).double().to(device).eval()
+        context = metadata.get("context_standardizer")
+        context = Standardizer.from_state_dict(context) if context is not None else None
+        flow = RawUnitsFlow([copy.deepcopy(model.transform), back], model.base(), context)
+        flow = flow.double().to(device).eval()
     return Run(flow, model, checkpoint, path)
+
+
+class RawUnitsFlow(Flow):
+    r"""A flow over a data file's raw rows: a trained flow followed by the standardiser's
+    exact affine map, and, for a conditional run, called with raw context rows, which it
+    standardises with the training statistics before the layers see them.
+
+    Arguments:
+        transforms: The layers, base side first (the last one maps back to data units).
+        base: The base distribution.
+        context: The standardiser of the context columns (``None``: unconditional).
+    """
+
+    def __init__(self, transforms: Sequence[Any], base: Any, context: Standardizer | None = None) -> None:
+        super().__init__(transforms, base)
+        self.context_standardizer = context
+
+    def forward(self, context: torch.Tensor | None = None) -> Any:
+        """The distribution of raw rows, given raw context rows of shape ``(..., C)``."""
+        if context is not None and self.context_standardizer is not None:
+            if context.dim() < 1 or context.shape[-1] != self.context_standardizer.features:
+                raise ValueError(f"RawUnitsFlow expects context rows of {self.context_standardizer.features} "
+                                 f"columns, got shape {tuple(context.shape)}")
+            context = self.context_standardizer.transform(context.double()).to(self.base().mean.dtype)
+        return super().forward(context)
