@@ -53,6 +53,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "columns": None,
     "drop": None,
     "context_columns": None,
+    "num_bins": None,
     "checkpoint_every": None,
     "progress": True,
     "k": None,  # importance samples for the final image evaluation: 64 for digits, 8 otherwise
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(a saved row index, say)")
     what.add_argument("--context-columns", nargs="+", metavar="COLUMN",
                       help="tabular files: columns to condition on: trains p(x | c) on the other columns")
+    what.add_argument("--num-bins", type=_number(int, lambda v: v >= 2, "an integer >= 2"),
+                      help="makes a .npy/.npz/.pt file of integer images (N, C, H, W) in [0, NUM_BINS) an image data set")
     what.add_argument("--resume", action="store_true", default=False,
                       help="continue the run in --out with its saved settings; --epochs / --max-steps may extend it")
     vector = train.add_argument_group("vector flows")
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
     keys = ("root", "download", "seed", "size", "valid_fraction", "test_fraction", "key", "columns", "drop",
-            "context_columns")
+            "context_columns", "num_bins")
     return {k: settings.get(k) for k in keys}
 
 
@@ -295,6 +298,12 @@ def _resolve_data(spec: str) -> str:
     if spec in DATA_NAMES or not Path(spec).expanduser().exists():
         return spec
     return str(Path(spec).expanduser().resolve())
+
+
+def _is_file_spec(spec: str) -> bool:
+    from .data import DATA_NAMES
+
+    return spec not in DATA_NAMES and Path(spec).is_file()
 
 
 def _check_data_unchanged(metadata: dict[str, Any]) -> None:
@@ -402,7 +411,7 @@ def _train(args: argparse.Namespace) -> int:
         "num_bins": data.num_bins,
         "kind": data.kind,
         "data": {"spec": settings["data"], **_data_options(settings),
-                 "sha256": _file_digest(settings["data"]) if data.kind == "tabular" else None},
+                 "sha256": _file_digest(settings["data"]) if _is_file_spec(settings["data"]) else None},
         "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
         "columns": data.columns,
         "context_columns": data.context_columns,

@@ -113,3 +113,21 @@ def test_the_continuous_flow_trains_from_the_command_line(tmp_path, capsys, keep
     summary = json.loads((tmp_path / "cnf" / "summary.json").read_text())
     assert math.isfinite(summary["nll"])
     assert load_run(tmp_path / "cnf").flow.event_shape == (2,)
+
+
+def test_a_file_of_integer_images_trains_with_num_bins_and_is_refused_without(tmp_path, capsys, keep_threads):
+    images = np.random.default_rng(0).integers(0, 4, (60, 1, 4, 4)).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    run = tmp_path / "run"
+    status, _, err = flowpack(["train", "--data", tmp_path / "images.npy", "--num-bins", 4, "--out", run,
+                               "--levels", 1, "--depth", 1, "--hidden-channels", 8, "--epochs", 1, "--batch-size", 16,
+                               "--k", 2, "--no-progress", "--threads", 1], capsys)
+    assert status == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["unit"] == "bits/dim" and math.isfinite(summary["bpd_bound"])
+    assert load_run(run).flow().sample((2,)).dtype == torch.long
+    status, _, err = flowpack(["train", "--data", tmp_path / "images.npy", "--out", tmp_path / "r2"], capsys)
+    assert status == 2 and "need num_bins, flowpack's --num-bins" in err
+    status, _, err = flowpack(["train", "--data", tmp_path / "images.npy", "--num-bins", 3, "--out", tmp_path / "r3"],
+                              capsys)
+    assert status == 2 and "pixel values must lie in [0, 3), got [0, 3]" in err

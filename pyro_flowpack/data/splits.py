@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .images import IMAGE_DATASETS, image_dataset
+from .images import IMAGE_DATASETS, ImageDataset, image_dataset
 from .tabular import SUPPORTED_SUFFIXES, Standardizer, check_columns, column_names, load_tabular
 from .toy import TOY_DATASETS, toy_dataset
 
@@ -124,6 +124,7 @@ def load_data(
     columns: Sequence[str | int] | None = None,
     drop: Sequence[str | int] | None = None,
     context_columns: Sequence[str | int] | None = None,
+    num_bins: int | None = None,
 ) -> DataSplits:
     r"""Loads the data set ``spec`` as train, validation and test splits.
 
@@ -158,6 +159,9 @@ def load_data(
         drop: Tabular files: columns to leave out (a row index saved by pandas, say).
         context_columns: Tabular files: columns to condition on, for a density
             :math:`p(x \mid c)`; standardised like the others, with their own statistics.
+        num_bins: Makes a ``.npy``, ``.npz`` or ``.pt`` file of integer images
+            ``(N, C, H, W)`` with values in ``[0, num_bins)`` an image data set, shuffled
+            with ``seed`` and split like a table (no standardisation).
 
     Returns:
         The splits, with their event shape and, by kind, ``num_bins``, ``labels`` or the
@@ -198,7 +202,14 @@ def load_data(
                 f"unknown data set {text!r}: neither a known name nor an existing file; known names are "
                 f"{', '.join(DATA_NAMES)}, or give the path of a {'/'.join(SUPPORTED_SUFFIXES)} file"
             )
+        if num_bins is not None:
+            if columns is not None or drop is not None or context_columns is not None:
+                raise ValueError("load_data: columns, drop and context_columns apply to tables, not to image files")
+            return _image_file(text, key, num_bins, seed, size, valid_fraction, test_fraction)
         return _tabular(text, key, seed, size, valid_fraction, test_fraction, columns, drop, context_columns)
+    if num_bins is not None:
+        raise ValueError(f"load_data: num_bins applies only to image files, not to the data set {name!r} "
+                         "(which knows its own)")
     if columns is not None or drop is not None or context_columns is not None:
         raise ValueError(f"load_data: columns, drop and context_columns apply only to tabular files, not to the "
                          f"data set {name!r}")
@@ -309,6 +320,31 @@ def _tabular(
         }
     return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer,
                       columns=names, **extra)
+
+
+def _image_file(path: str, key: str | None, num_bins: int, seed: int, size: int | None, valid_fraction: float,
+                test_fraction: float) -> DataSplits:
+    """A user's file of integer images (N, C, H, W), split like a table."""
+    from pathlib import Path
+
+    from .tabular import _pick, _read_numpy, _read_pt
+
+    file = Path(path).expanduser()
+    if file.suffix.lower() not in (".npy", ".npz", ".pt"):
+        raise ValueError(f"{path}: image files must be .npy, .npz or .pt, got {file.suffix or 'no suffix'!r}")
+    if not file.is_file():
+        raise FileNotFoundError(f"image data: no such file: {file}")
+    array = _read_pt(file, key) if file.suffix.lower() == ".pt" else _read_numpy(file, key)
+    images = torch.as_tensor(array)
+    dataset = ImageDataset(images, torch.zeros(len(images), dtype=torch.long), num_bins, name=str(path))
+    n_train, n_valid, n_test = _sizes(len(images), valid_fraction, test_fraction)
+    if n_train < 1:
+        raise ValueError(f"{path}: {len(images)} images leave none for the train split")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    test, valid, train = (dataset.images[index] for index in order.split([n_test, n_valid, n_train]))
+    if size is not None:
+        train = train[:size]
+    return DataSplits(path, "image", train, valid, test, event_shape=dataset.shape, num_bins=num_bins)
 
 
 def _images(

@@ -364,8 +364,9 @@ def _checked(path: Path, array: np.ndarray | Tensor) -> Tensor:
             "one feature, or x.reshape(1, -1) for one sample"
         )
     if tensor.dim() != 2:
+        images = " (integer images (N, C, H, W) need num_bins, flowpack's --num-bins)" if tensor.dim() == 4 else ""
         raise ValueError(
-            f"{path}: expected a 2-D array (N samples, D features), got shape {tuple(tensor.shape)}; "
+            f"{path}: expected a 2-D array (N samples, D features), got shape {tuple(tensor.shape)}{images}; "
             "flatten the features first, e.g. x.reshape(len(x), -1)"
         )
     rows, columns = tensor.shape
