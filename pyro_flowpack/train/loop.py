@@ -38,7 +38,7 @@ from .checkpoint import rng_state, set_rng_state
 from .distributed import Distributed, all_reduce, setup, shard
 from .folder import FILES, RunFolder, changed_settings
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "NonFiniteLossError", "NoFiniteValidationError", "fit",
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "LoopState", "NonFiniteLossError", "NoFiniteValidationError", "fit",
            "evaluate_nll", "evaluate_iw_nll", "read_metrics", "RUN_FILES"]
 
 #: The files :func:`fit` keeps in a run folder (see :data:`~pyro_flowpack.train.folder.FILES`).
@@ -432,10 +432,309 @@ def fit(
             folder.unlock()
 
 
+@dataclass
+class LoopState:
+    r"""Where a training run stands: everything of the loop's own that a checkpoint keeps
+    (as a dictionary, ``checkpoint["state"]``) so that a resumed run continues exactly.
+
+    Attributes:
+        step: Optimiser steps done (skipped ones included).
+        epoch: Epochs completed.
+        best_valid: The best finite validation loss (``inf`` before one).
+        best_epoch: The epoch of the best validation loss.
+        best_step: The step of the best model (the step of ``best.pt``).
+        bad_epochs: Epochs in a row without a better validation loss (early stopping).
+        nonfinite_steps: Steps skipped for a non-finite loss or gradient.
+        in_a_row: The current streak of such steps.
+        nonfinite_valid: Epochs whose validation loss was not finite.
+        history: One record per epoch.
+        stopped: ``None`` while running, else ``"finished"`` or ``"early_stopping"``.
+        epoch_sum: The sum of the current epoch's step losses (nats).
+        epoch_count: The number of steps in that sum.
+        time: Seconds of training so far, over all resumed parts.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    best_valid: float = math.inf
+    best_epoch: int | None = None
+    best_step: int | None = None
+    bad_epochs: int = 0
+    nonfinite_steps: int = 0
+    in_a_row: int = 0
+    nonfinite_valid: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    epoch_sum: float = 0.0
+    epoch_count: int = 0
+    time: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LoopState":
+        """The state saved by ``asdict`` (keys of older checkpoints keep their defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class _Trainer:
+    """One training run: the data, the optimiser, the loop's state and its small steps."""
+
+    def __init__(self, flow: Flow, train: tuple, valid: tuple, config: TrainConfig, folder: RunFolder | None,
+                 metadata: dict[str, Any] | None, callback: Callable[[StepInfo], None] | None,
+                 distributed: Distributed) -> None:
+        self.flow, self.config, self.folder, self.metadata = flow, config, folder, metadata or {}
+        self.callback, self.distributed = callback, distributed
+        device = distributed.device
+        flow.to(device)
+        self.train, self.train_c = (None if t is None else t.to(device) for t in train)
+        self.valid, self.valid_c = (None if t is None else t.to(device) for t in valid)
+        size = len(self.train)
+        self.batch = min(config.batch_size, size)
+        if self.batch < distributed.world_size:
+            raise ValueError(f"fit: a batch of {self.batch} examples cannot be split between "
+                             f"{distributed.world_size} processes")
+        self.steps_per_epoch = size // self.batch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scale = _unit_scale(config.unit, flow)
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, self.total_steps))
+        self.state = LoopState()
+        self.writes = folder is not None and distributed.main
+        self.objective: nn.Module = _Objective(flow)
+        self.bar: Any = None
+        self.running, self.running_count = 0.0, 0
+
+    # Starting -----------------------------------------------------------------------
+    def order(self, epoch: int) -> Tensor:
+        """The order of the training examples in ``epoch``: a function of the seed and epoch."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train), generator=generator)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continues from a checkpoint: parameters, optimiser, schedule, state, generators."""
+        self.flow.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = LoopState.from_dict(checkpoint["state"])
+        if self.state.stopped == "finished":  # a longer run (more epochs or steps) continues it
+            self.state.stopped = None
+        states, d = checkpoint["rng"], self.distributed
+        if len(states) == d.world_size:
+            set_rng_state(states[d.rank])
+        else:
+            torch.manual_seed(self.config.seed + d.rank + 7919 * self.state.step)
+        if self.writes:
+            self.folder.truncate_metrics(self.state.step)
+
+    def initialise(self) -> None:
+        """A fresh run: seeds, data-dependent initialisation, an emptied metrics log."""
+        rank = self.distributed.rank
+        torch.manual_seed(self.config.seed + rank)
+        random.seed(self.config.seed + rank)
+        if _needs_data_init(self.flow):  # same first batch in every process: identical initialisation
+            with torch.no_grad():
+                self.flow.train()
+                first = self.order(0)[:self.batch]
+                self.flow(None if self.train_c is None else self.train_c[first]).log_prob(self.train[first])
+        if self.writes:
+            self.folder.check_writable()
+            self.folder.truncate_metrics(0)  # records of a run killed before its first checkpoint
+
+    # Small steps ----------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if self.writes:
+            self.folder.append_metrics(record)
+
+    def save(self, best: bool) -> None:
+        """Writes last.pt (and best.pt); every process hands over its generators' states."""
+        d = self.distributed
+        states: list[Any] = [None] * d.world_size
+        if d.enabled:
+            torch.distributed.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if not self.writes:
+            return
+        self.folder.save({
+            "model": self.flow.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": asdict(self.state),
+            "rng": states,
+            "config": self.config.to_dict(),
+            "metadata": self.metadata,
+            "world_size": d.world_size,
+        }, best)
+
+    def step(self, indices: Tensor, epoch: int) -> None:
+        """One optimiser step on ``indices``, or a skipped one if its loss or gradient is
+        not finite in any process."""
+        state, config = self.state, self.config
+        rows = indices.to(self.distributed.device)
+        x = self.train[rows]
+        loss = (self.objective(x) if self.train_c is None else self.objective(x, self.train_c[rows])).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), config.clip or math.inf)
+        bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
+        skipped = bool(all_reduce(bad, self.distributed, "max") > 0)
+        value = loss.item()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            state.in_a_row += 1
+            state.nonfinite_steps += 1
+            self.log({"step": state.step + 1, "skipped": "non-finite loss or gradient",
+                      "loss": value if math.isfinite(value) else str(value)})
+            if state.in_a_row >= config.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"training stopped at step {state.step + 1}: {state.in_a_row} steps in a row had a non-finite "
+                    f"loss or gradient (each was skipped, the parameters are unchanged){_last_good(self.folder)}; "
+                    "try a lower learning rate or stronger gradient clipping"
+                )
+        else:
+            self.optimizer.step()
+            state.in_a_row = 0
+            self.running += value
+            self.running_count += 1
+            state.epoch_sum += value
+            state.epoch_count += 1
+        self.scheduler.step()
+        state.step += 1
+        if self.callback is not None:
+            self.callback(StepInfo(state.step, epoch + 1, value, indices, skipped, self.distributed.rank))
+        if state.step % config.log_every == 0 and self.running_count:
+            mean = self.running / self.running_count * self.scale
+            self.log({"step": state.step, "epoch": epoch + 1, "train_loss": mean, "lr": self.scheduler.get_last_lr()[0]})
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {mean:.4f} {config.unit}")
+            self.running, self.running_count = 0.0, 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def validate(self, record: dict[str, Any], epoch: int) -> bool:
+        """Adds the validation loss to ``record``; whether the model is the best so far."""
+        state = self.state
+        if self.valid is None:
+            return True  # without validation data the best model is the last one
+        loss = evaluate_nll(self.flow, self.valid, self.config.eval_batch_size, self.distributed,
+                            self.valid_c) * self.scale
+        if math.isfinite(loss):
+            record["valid_loss"] = loss
+        else:  # never the best; JSON has no inf or NaN
+            record["valid_loss"], record["valid_nonfinite"] = None, str(loss)
+            state.nonfinite_valid += 1
+        improved = math.isfinite(loss) and loss < state.best_valid
+        if improved:
+            state.best_valid, state.best_epoch, state.bad_epochs = loss, epoch + 1, 0
+        else:
+            state.bad_epochs += 1
+        return improved
+
+    def end_epoch(self, epoch: int) -> None:
+        """Records the epoch, validates, decides whether to stop, and saves."""
+        state, config = self.state, self.config
+        completed = state.step == (epoch + 1) * self.steps_per_epoch
+        self.tick()
+        count = state.epoch_count
+        record: dict[str, Any] = {"step": state.step, "epoch": epoch + 1,
+                                  "train_loss": state.epoch_sum / count * self.scale if count else math.nan,
+                                  "lr": self.scheduler.get_last_lr()[0], "time": round(state.time, 3)}
+        state.epoch_sum, state.epoch_count = 0.0, 0
+        improved = self.validate(record, epoch)
+        if improved:
+            state.best_step = state.step
+        state.history.append(record)
+        if completed:
+            state.epoch += 1
+        if config.patience is not None and state.bad_epochs >= config.patience:
+            state.stopped = "early_stopping"
+        elif state.step >= self.total_steps:
+            state.stopped = "finished"
+        self.log(record)
+        self.report(record, epoch)
+        self.save(best=improved)
+
+    def report(self, record: dict[str, Any], epoch: int) -> None:
+        """The epoch's line, above the progress bar or (``epoch_lines``) on stderr."""
+        if self.bar is None and not (self.config.epoch_lines and self.distributed.main):
+            return
+        valid_text = "" if self.valid is None else (
+            f", valid {record['valid_loss']:.4f}" if record["valid_loss"] is not None
+            else f", valid {record['valid_nonfinite']}")
+        line = f"epoch {epoch + 1}: train {record['train_loss']:.4f}{valid_text} {self.config.unit}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def tick(self) -> None:
+        """Adds the time since the last tick to the run's training time."""
+        now = time.perf_counter()
+        self.state.time += now - self._clock
+        self._clock = now
+
+    # The loop -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        state, config, d = self.state, self.config, self.distributed
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = d.device
+            self.objective = DistributedDataParallel(self.objective,
+                                                     device_ids=[device] if device.type == "cuda" else None)
+        if config.progress and d.main and state.step < self.total_steps and state.stopped is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        self._clock = began = time.perf_counter()
+        try:
+            while state.step < self.total_steps and state.stopped is None:
+                epoch = state.epoch
+                permutation = self.order(epoch)
+                self.flow.train()
+                for position in range(state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                    if state.step >= self.total_steps:
+                        break
+                    batch = permutation[position * self.batch:(position + 1) * self.batch]
+                    self.step(shard(batch, d.rank, d.world_size), epoch)
+                    if (config.checkpoint_every and state.step % config.checkpoint_every == 0
+                            and position + 1 < self.steps_per_epoch and state.step < self.total_steps):
+                        self.tick()
+                        self.save(best=False)
+                self.end_epoch(epoch)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        self.check_outcome()
+        return TrainResult(steps=state.step, epochs=len(state.history), history=list(state.history),
+                           best_valid=state.best_valid, best_epoch=state.best_epoch,
+                           stopped=state.stopped or "finished", nonfinite_steps=state.nonfinite_steps,
+                           nonfinite_valid=state.nonfinite_valid, train_time=time.perf_counter() - began)
+
+    def check_outcome(self) -> None:
+        """Fails a run that ended inside a streak of skipped steps, or without one finite
+        validation loss."""
+        state = self.state
+        if state.in_a_row:
+            raise NonFiniteLossError(
+                f"training ended at step {state.step} inside a streak of {state.in_a_row} steps with a non-finite "
+                f"loss or gradient (each was skipped){_last_good(self.folder)}; the model is not trustworthy: try a "
+                "lower learning rate or stronger gradient clipping"
+            )
+        if self.valid is not None and state.best_step is None and state.history:
+            raise NoFiniteValidationError(
+                f"no epoch of {len(state.history)} had a finite validation loss (the last was "
+                f"{state.history[-1].get('valid_nonfinite')}), so there is no best model{_last_good(self.folder)}; "
+                "look for outliers in the validation data or lower the learning rate"
+            )
+
+
 def _fit(flow: Flow, train_pair: tuple, valid_pair: tuple, config: TrainConfig, folder: RunFolder | None,
          resume: bool, metadata: dict[str, Any] | None, callback: Callable[[StepInfo], None] | None,
-         context: Distributed) -> TrainResult:
-    (train, train_c), (valid, valid_c) = train_pair, valid_pair
+         distributed: Distributed) -> TrainResult:
     checkpoint = None
     if folder is not None:
         if resume:
@@ -450,228 +749,14 @@ def _fit(flow: Flow, train_pair: tuple, valid_pair: tuple, config: TrainConfig, 
                 )
         elif folder.holds_run():
             raise FileExistsError(f"fit: {folder.path} already holds a run; resume it or choose another folder")
-
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = context.device
-    flow.to(device)
-    train = train.to(device)
-    valid = valid.to(device) if valid is not None else None
-    train_c = train_c.to(device) if train_c is not None else None
-    valid_c = valid_c.to(device) if valid_c is not None else None
-
-    size = len(train)
-    batch = min(config.batch_size, size)
-    if batch < context.world_size:
-        raise ValueError(f"fit: a batch of {batch} examples cannot be split between {context.world_size} processes")
-    steps_per_epoch = size // batch
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    scale = _unit_scale(config.unit, flow)
-
-    optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_valid": math.inf, "best_epoch": None, "best_step": None,
-                             "bad_epochs": 0, "nonfinite_steps": 0, "in_a_row": 0, "nonfinite_valid": 0,
-                             "history": [], "stopped": None, "epoch_sum": 0.0, "epoch_count": 0, "time": 0.0}
-
-    def order(epoch: int) -> Tensor:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        return torch.randperm(size, generator=generator)
-
-    writes = folder is not None and context.main
-
-    def log(record: dict[str, Any]) -> None:
-        if writes:
-            folder.append_metrics(record)
-
+    trainer = _Trainer(flow, train_pair, valid_pair, config, folder, metadata, callback, distributed)
     if checkpoint is not None:
-        flow.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state.update(checkpoint["state"])
-        if state["stopped"] == "finished":  # a longer run (more epochs or steps) continues it
-            state["stopped"] = None
-        states = checkpoint["rng"]
-        if len(states) == context.world_size:
-            set_rng_state(states[context.rank])
-        else:
-            torch.manual_seed(config.seed + context.rank + 7919 * state["step"])
-        if writes:
-            folder.truncate_metrics(state["step"])
+        trainer.restore(checkpoint)
     else:
-        torch.manual_seed(config.seed + context.rank)
-        random.seed(config.seed + context.rank)
-        if _needs_data_init(flow):  # same first batch in every process: identical initialisation
-            with torch.no_grad():
-                flow.train()
-                first_batch = order(0)[:batch]
-                flow(None if train_c is None else train_c[first_batch]).log_prob(train[first_batch])
-        if writes:
-            folder.check_writable()
-            folder.truncate_metrics(0)  # records of a run killed before its first checkpoint
-
-    objective: nn.Module = _Objective(flow)
-    if context.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        objective = DistributedDataParallel(
-            objective, device_ids=[device] if device.type == "cuda" else None
-        )
-
-    def save(best: bool) -> None:
-        states = [None] * context.world_size
-        if context.enabled:
-            torch.distributed.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if not writes:
-            return
-        content = {
-            "model": flow.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state,
-            "rng": states,
-            "config": config.to_dict(),
-            "metadata": metadata or {},
-            "world_size": context.world_size,
-        }
-        folder.save(content, best)
-
-    bar = None
-    if config.progress and context.main and state["step"] < total_steps and state["stopped"] is None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    start = began = time.perf_counter()
-    running, running_count = 0.0, 0
-    try:
-        while state["step"] < total_steps and state["stopped"] is None:
-            epoch = state["epoch"]
-            permutation = order(epoch)
-            first = state["step"] - epoch * steps_per_epoch
-            flow.train()
-            for position in range(first, steps_per_epoch):
-                if state["step"] >= total_steps:
-                    break
-                indices = shard(permutation[position * batch:(position + 1) * batch], context.rank, context.world_size)
-                rows = indices.to(device)
-                loss = (objective(train[rows]) if train_c is None else objective(train[rows], train_c[rows])).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), config.clip or math.inf)
-                bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
-                skipped = bool(all_reduce(bad, context, "max") > 0)
-                value = loss.item()
-                if skipped:
-                    optimizer.zero_grad(set_to_none=True)
-                    state["in_a_row"] += 1
-                    state["nonfinite_steps"] += 1
-                    log({"step": state["step"] + 1, "skipped": "non-finite loss or gradient",
-                         "loss": value if math.isfinite(value) else str(value)})
-                    if state["in_a_row"] >= config.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"training stopped at step {state['step'] + 1}: {state['in_a_row']} steps in a row had a "
-                            f"non-finite loss or gradient (each was skipped, the parameters are unchanged)"
-                            f"{_last_good(folder)}; try a lower learning rate or stronger gradient clipping"
-                        )
-                else:
-                    optimizer.step()
-                    state["in_a_row"] = 0
-                    running += value
-                    running_count += 1
-                    state["epoch_sum"] += value
-                    state["epoch_count"] += 1
-                scheduler.step()
-                state["step"] += 1
-                if callback is not None:
-                    callback(StepInfo(state["step"], epoch + 1, value, indices, skipped, context.rank))
-                if state["step"] % config.log_every == 0 and running_count:
-                    log({"step": state["step"], "epoch": epoch + 1, "train_loss": running / running_count * scale,
-                               "lr": scheduler.get_last_lr()[0]})
-                    if bar is not None:
-                        bar.set_postfix_str(f"loss {running / running_count * scale:.4f} {config.unit}")
-                    running, running_count = 0.0, 0
-                if bar is not None:
-                    bar.update(1)
-                if (config.checkpoint_every and state["step"] % config.checkpoint_every == 0
-                        and position + 1 < steps_per_epoch and state["step"] < total_steps):
-                    state["time"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    save(best=False)
-
-            completed = state["step"] == (epoch + 1) * steps_per_epoch
-            state["time"] += time.perf_counter() - start
-            start = time.perf_counter()
-            count = state["epoch_count"]
-            record: dict[str, Any] = {"step": state["step"], "epoch": epoch + 1,
-                                      "train_loss": state["epoch_sum"] / count * scale if count else math.nan,
-                                      "lr": scheduler.get_last_lr()[0], "time": round(state["time"], 3)}
-            state["epoch_sum"], state["epoch_count"] = 0.0, 0
-            improved = False
-            if valid is not None:
-                loss_valid = evaluate_nll(flow, valid, config.eval_batch_size, context, valid_c) * scale
-                if math.isfinite(loss_valid):
-                    record["valid_loss"] = loss_valid
-                else:  # never the best; JSON has no inf or NaN
-                    record["valid_loss"], record["valid_nonfinite"] = None, str(loss_valid)
-                    state["nonfinite_valid"] += 1
-                improved = math.isfinite(loss_valid) and loss_valid < state["best_valid"]
-                if improved:
-                    state["best_valid"], state["best_epoch"], state["bad_epochs"] = loss_valid, epoch + 1, 0
-                else:
-                    state["bad_epochs"] += 1
-            else:
-                improved = True  # without validation data the best model is the last one
-            if improved:
-                state["best_step"] = state["step"]
-            state["history"].append(record)
-            if completed:
-                state["epoch"] += 1
-            if config.patience is not None and state["bad_epochs"] >= config.patience:
-                state["stopped"] = "early_stopping"
-            elif state["step"] >= total_steps:
-                state["stopped"] = "finished"
-            log(record)
-            if bar is not None or (config.epoch_lines and context.main):
-                valid_text = "" if valid is None else (
-                    f", valid {record['valid_loss']:.4f}" if record["valid_loss"] is not None
-                    else f", valid {record['valid_nonfinite']}")
-                line = f"epoch {epoch + 1}: train {record['train_loss']:.4f}{valid_text} {config.unit}"
-                if bar is not None:
-                    bar.write(line)
-                else:
-                    print(line, file=sys.stderr, flush=True)
-            save(best=improved)
-    finally:
-        if bar is not None:
-            bar.close()
-    if state["in_a_row"]:
-        raise NonFiniteLossError(
-            f"training ended at step {state['step']} inside a streak of {state['in_a_row']} steps with a non-finite "
-            f"loss or gradient (each was skipped){_last_good(folder)}; the model is not trustworthy: try a lower "
-            "learning rate or stronger gradient clipping"
-        )
-    if valid is not None and state["best_step"] is None and state["history"]:
-        raise NoFiniteValidationError(
-            f"no epoch of {len(state['history'])} had a finite validation loss (the last was "
-            f"{state['history'][-1].get('valid_nonfinite')}), so there is no best model{_last_good(folder)}; "
-            "look for outliers in the validation data or lower the learning rate"
-        )
-    return TrainResult(
-        steps=state["step"],
-        epochs=len(state["history"]),
-        history=list(state["history"]),
-        best_valid=state["best_valid"],
-        best_epoch=state["best_epoch"],
-        stopped=state["stopped"] or "finished",
-        nonfinite_steps=state["nonfinite_steps"],
-        nonfinite_valid=state["nonfinite_valid"],
-        train_time=time.perf_counter() - began,
-    )
+        trainer.initialise()
+    return trainer.run()
 
 
 def _last_good(folder: RunFolder | None) -> str:
