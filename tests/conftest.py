@@ -32,3 +32,11 @@ def _fresh_param_store():
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def keep_threads():
+    """``--threads 1`` sets torch's thread count for the whole process: restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

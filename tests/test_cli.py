@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_support import flowpack
 import pyro_flowpack.train.loop as loop
 from pyro_flowpack.cli import main
 from pyro_flowpack.data import Standardizer
@@ -33,16 +34,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--size", "500", "--transforms", "1", "--hidden", "8", "--epochs", "2", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 SUBPROCESS_TIMEOUT = 300  # seconds; generous for a slow, loaded machine
-
-
-def flowpack(argv, capsys):
-    """Runs ``main(argv)``; returns the exit status, stdout and stderr."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit:  # argparse: --help and argument errors
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def console_script():
@@ -66,14 +57,6 @@ def epoch_records(run):
     """The per-epoch records of metrics.jsonl, without their wall-clock time."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in ("step", "epoch", "train_loss", "valid_loss")} for r in records if "valid_loss" in r]
-
-
-@pytest.fixture
-def keep_threads():
-    """``--threads 1`` sets torch's thread count for the whole process: restore it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

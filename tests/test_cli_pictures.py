@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_support import flowpack
 import pyro_flowpack as pf
 from pyro_flowpack import plots
 from pyro_flowpack.cli import main
@@ -47,16 +48,6 @@ def png_title(path):
             texts[key.decode("latin-1")] = value.decode("latin-1")
         position += 12 + length  # length, type, body, CRC
     return texts.get("Title")
-
-
-def flowpack(argv, capsys):
-    """Runs ``main(argv)``; returns the exit status, stdout and stderr."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit:  # argparse: --help, --version and argument errors
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def quiet_main(argv):

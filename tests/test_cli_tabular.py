@@ -11,26 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_flowpack.cli import main
+from cli_support import flowpack
 from pyro_flowpack.train import load_run
 
 SMALL = ["--transforms", "2", "--hidden", "32", "32", "--no-progress", "--threads", "1"]
-
-
-def flowpack(argv, capsys):
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write(path, header: str, rows: np.ndarray) -> None:

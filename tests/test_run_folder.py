@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli_support import flowpack, one_line
 import pyro_flowpack as pf
 import pyro_flowpack.train.loop as loop
-from pyro_flowpack.cli import main
 from pyro_flowpack.train import (
     NoFiniteValidationError,
     NonFiniteLossError,
@@ -35,26 +35,6 @@ from pyro_flowpack.train import (
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 TIMEOUT = 300
 TINY = ["--size", "300", "--transforms", "1", "--hidden", "8", "--epochs", "2", "--no-progress", "--threads", "1"]
-
-
-def flowpack(argv, capsys):
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def one_line(err: str) -> bool:
-    return err.count("\n") == 1 and "Traceback" not in err
-
-
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def gaussian(n: int) -> torch.Tensor:
