@@ -54,6 +54,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "drop": None,
     "context_columns": None,
     "num_bins": None,
+    "dequantize": False,
     "checkpoint_every": None,
     "progress": True,
     "k": None,  # importance samples for the final image evaluation: 64 for digits, 8 otherwise
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tabular files: columns to condition on: trains p(x | c) on the other columns")
     what.add_argument("--num-bins", type=_number(int, lambda v: v >= 2, "an integer >= 2"),
                       help="makes a .npy/.npz/.pt file of integer images (N, C, H, W) in [0, NUM_BINS) an image data set")
+    what.add_argument("--dequantize", action="store_true",
+                      help="tabular files: model the columns that hold only integers as discrete values (uniform "
+                           "dequantization); the NLL is then a bound on their probability times the others' density")
     what.add_argument("--resume", action="store_true", default=False,
                       help="continue the run in --out with its saved settings; --epochs / --max-steps may extend it")
     vector = train.add_argument_group("vector flows")
@@ -218,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="print the test negative log-likelihood of a run",
         description="Prints the negative log-likelihood of a run on a split of its data: nats per example "
-                    "(tabular data: also in the units of the file), or for images the bits per dimension of "
+                    "(tabular data: also in the units of the file; a bound for a run with --dequantize), or for "
+                    "images the bits per dimension of "
                     "the dequantization bound and of the importance-weighted estimate.",
     )
     evaluate.add_argument("run", type=Path, metavar="RUN_DIR")
@@ -255,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
     keys = ("root", "download", "seed", "size", "valid_fraction", "test_fraction", "key", "columns", "drop",
             "context_columns", "num_bins")
-    return {k: settings.get(k) for k in keys}
+    # bool: runs from before --dequantize have no such setting
+    return {**{k: settings.get(k) for k in keys}, "dequantize": bool(settings.get("dequantize"))}
 
 
 def _load_data(spec: str, options: dict[str, Any]):
@@ -338,7 +344,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
     from .train.distributed import setup
     from .train.folder import RunFolder, RunLockedError, changed_settings
-    from .train.run import build_flow
+    from .train.run import build_flow, with_column_dequantization
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
     if "data" in given:
@@ -390,6 +396,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins,
                           context=len(data.context_columns or []), **flow_options)
+        if data.dequantized:
+            flow = with_column_dequantization(flow, [c in data.dequantized for c in data.columns], data.standardizer)
         config = TrainConfig(
             epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
             weight_decay=settings["weight_decay"], schedule=settings["schedule"], warmup=settings["warmup"],
@@ -414,6 +422,7 @@ def _train(args: argparse.Namespace) -> int:
                  "sha256": _file_digest(settings["data"]) if _is_file_spec(settings["data"]) else None},
         "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
         "columns": data.columns,
+        "dequantized": data.dequantized,
         "context_columns": data.context_columns,
         "context_standardizer": (data.context_standardizer.state_dict()
                                  if data.context_standardizer is not None else None),
@@ -509,8 +518,18 @@ def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = 
     else:
         summary.update({"unit": "nats", "nll": nll})
         if data.standardizer is not None:
-            summary["nll_data_units"] = nll + data.standardizer.log_abs_det().item()
+            summary["nll_data_units"] = nll + _data_units_shift(data)
+            if data.dequantized:
+                summary.update({"bound": True, "dequantized": list(data.dequantized)})
     return summary
+
+
+def _data_units_shift(data) -> float:
+    r"""What the NLL gains from standardised to data units: :math:`\sum_j \log \sigma_j` over
+    the columns with a density (the probability of a dequantized column has no units)."""
+    if not data.dequantized:
+        return data.standardizer.log_abs_det().item()
+    return sum(math.log(s) for s, c in zip(data.standardizer.std.tolist(), data.columns) if c not in data.dequantized)
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -523,6 +542,8 @@ def _summary_text(summary: dict[str, Any]) -> str:
     text = f"{PROG}: {where}: NLL {summary['nll']:.4f} nats"
     if "nll_data_units" in summary:
         text += f" (standardised); {summary['nll_data_units']:.4f} nats in the units of the file"
+    if summary.get("bound"):
+        text += f" (an upper bound: {', '.join(map(repr, summary['dequantized']))} dequantized)"
     return text
 
 
@@ -539,6 +560,8 @@ def _picture_title(data_name: str | None, flow_name: str | None, summary: dict[s
             nll = f"{summary['split']} NLL {summary['nll']:.4f} nats"
             if "nll_data_units" in summary:
                 nll += f" (standardised), {summary['nll_data_units']:.4f} nats in data units"
+            if summary.get("bound"):
+                nll += " (bound)"
         parts.append(nll)
     return " | ".join(p for p in parts if p)
 
@@ -580,7 +603,7 @@ def _pictures(flow, data, out: Path, temperature: float, unit: str, title: str =
             samples = flow().sample((64,), temperature=temperature)
             paths.append(plots.image_grid(samples.cpu(), samples_png, num_bins=data.num_bins,
                                           title=_sampled(title, temperature)))
-        elif data.event_shape[0] == 2 and context is None:
+        elif data.event_shape[0] == 2 and context is None and not data.dequantized:  # a density needs real columns
             samples = _to_data_units(flow().sample((len(data.test),)).cpu(), data)
             paths.append(plots.density_2d(_data_units_log_prob(flow, data), _to_data_units(data.test, data),
                                           density_png, samples=samples, title=_sampled(title, 1.0)))

@@ -68,6 +68,9 @@ class DataSplits:
             split, keyed ``"train"``, ``"valid"`` and ``"test"``, one row per example.
         context_columns: The names of the context columns.
         context_standardizer: The map fitted on the train split's context.
+        dequantized: Tabular data loaded with ``dequantize=True``: the names of the
+            columns that hold only integers in every split, to be modelled as discrete
+            values (possibly none).
     """
 
     name: str
@@ -83,6 +86,7 @@ class DataSplits:
     context: dict[str, Tensor] | None = None
     context_columns: list[str] | None = None
     context_standardizer: Standardizer | None = None
+    dequantized: list[str] | None = None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{split}={len(getattr(self, split))}" for split in ("train", "valid", "test"))
@@ -125,6 +129,7 @@ def load_data(
     drop: Sequence[str | int] | None = None,
     context_columns: Sequence[str | int] | None = None,
     num_bins: int | None = None,
+    dequantize: bool = False,
 ) -> DataSplits:
     r"""Loads the data set ``spec`` as train, validation and test splits.
 
@@ -136,7 +141,12 @@ def load_data(
       first ``round(test_fraction * N)`` go to the test split, the next
       ``round(valid_fraction * N)`` to the validation split, the rest to the train split,
       whose mean and standard deviation standardise all three. ``size``, if given, keeps
-      at most that many training rows (before standardising).
+      at most that many training rows (before standardising). A column holding only
+      integers in the train split is flagged with a :class:`UserWarning`: a density over
+      real numbers is not the likelihood of discrete values. With ``dequantize=True``
+      the columns holding only integers in every split are named in
+      :attr:`DataSplits.dequantized` instead, for a flow that ends in a
+      :class:`~pyro_flowpack.transforms.ColumnDequantization` layer.
     - Image sets: the data set's own train and test splits (digits: its fixed split);
       a seeded ``valid_fraction`` of the train images becomes the validation split and
       ``test_fraction`` is not used. ``size``, if given, keeps at most that many training
@@ -162,6 +172,8 @@ def load_data(
         num_bins: Makes a ``.npy``, ``.npz`` or ``.pt`` file of integer images
             ``(N, C, H, W)`` with values in ``[0, num_bins)`` an image data set, shuffled
             with ``seed`` and split like a table (no standardisation).
+        dequantize: Tabular files: whether to mark the integer-valued columns for
+            dequantization (see above) rather than warn about them.
 
     Returns:
         The splits, with their event shape and, by kind, ``num_bins``, ``labels`` or the
@@ -196,6 +208,10 @@ def load_data(
     if not isinstance(text, str):
         raise ValueError(f"load_data: spec must be a data set name or a path, got {spec!r}")
     name = None if not isinstance(spec, str) else _canonical(text)
+    if dequantize and (name is not None or num_bins is not None):
+        what = f"the data set {name!r}" if name is not None else "image files"
+        raise ValueError(f"load_data: dequantize applies only to tabular files, not to {what} (image flows "
+                         "dequantize their pixels themselves)")
     if name is None:
         if not _is_path(text):
             raise ValueError(
@@ -206,7 +222,8 @@ def load_data(
             if columns is not None or drop is not None or context_columns is not None:
                 raise ValueError("load_data: columns, drop and context_columns apply to tables, not to image files")
             return _image_file(text, key, num_bins, seed, size, valid_fraction, test_fraction)
-        return _tabular(text, key, seed, size, valid_fraction, test_fraction, columns, drop, context_columns)
+        return _tabular(text, key, seed, size, valid_fraction, test_fraction, columns, drop, context_columns,
+                        dequantize)
     if num_bins is not None:
         raise ValueError(f"load_data: num_bins applies only to image files, not to the data set {name!r} "
                          "(which knows its own)")
@@ -276,7 +293,7 @@ def _integer_columns(x: Tensor, names: list[str]) -> list[str]:
 
 def _tabular(
     path: str, key: str | None, seed: int, size: int | None, valid_fraction: float, test_fraction: float,
-    columns=None, drop=None, context_columns=None,
+    columns=None, drop=None, context_columns=None, dequantize: bool = False,
 ) -> DataSplits:
     table = load_tabular(path, key=key)
     header = column_names(path)
@@ -298,12 +315,19 @@ def _tabular(
     test, valid, train = (x[index] for index in pieces)
     # standardised in the file's precision (float64 for text), then cast for training
     check_columns(train, torch.float32, labels, f"the train split of {path}")
-    integers = _integer_columns(train, names)
+    # dequantized columns must be integers in every split, so that every row has a cell
+    dequantized = _integer_columns(torch.cat([train, valid, test]), names) if dequantize else None
+    integers = [name for name in _integer_columns(train, names) if name not in (dequantized or [])]
     if integers:
+        hint = ("; they are not dequantized: other splits hold non-integers there" if dequantize
+                else "; dequantize=True (flowpack train --dequantize) models them as discrete values")
         warnings.warn(
             f"{path}: {len(integers)} column(s) hold only integers ({', '.join(map(repr, integers[:5]))}"
             f"{', ...' if len(integers) > 5 else ''}): a flow is a density over real numbers, so its NLL there is "
-            "not the likelihood of the discrete values", UserWarning, stacklevel=3)
+            f"not the likelihood of the discrete values{hint}", UserWarning, stacklevel=3)
+    if dequantize and not dequantized:
+        warnings.warn(f"{path}: dequantize=True, but no column holds only integers in every split: nothing is "
+                      "dequantized", UserWarning, stacklevel=3)
     standardizer = Standardizer.fit(train)
     splits = [standardizer.transform(split).to(torch.float32) for split in (train, valid, test)]
     extra: dict = {}
@@ -319,7 +343,7 @@ def _tabular(
             "context_standardizer": context_standardizer,
         }
     return DataSplits(path, "tabular", *splits, event_shape=x.shape[1:], standardizer=standardizer,
-                      columns=names, **extra)
+                      columns=names, dequantized=dequantized, **extra)
 
 
 def _image_file(path: str, key: str | None, num_bins: int, seed: int, size: int | None, valid_fraction: float,

@@ -19,10 +19,12 @@ import torch
 from ..flow import Flow
 from ..flows import CNF, IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
 from ..data.tabular import Standardizer
+from ..transforms.dequantization import ColumnDequantization
 from ..transforms.elementwise import ElementwiseAffine
 from .folder import RunFolder
 
-__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "Run", "load_run", "RawUnitsFlow"]
+__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "with_column_dequantization", "Run", "load_run",
+           "RawUnitsFlow"]
 
 #: Flows for vectors ``(D,)``: name -> builder(features, context, transforms, hidden, bins).
 VECTOR_FLOWS: dict[str, Callable[..., Flow]] = {
@@ -92,6 +94,26 @@ def build_flow(
     raise ValueError(f"flows are built for vectors (D,) or images (C, H, W), got event shape {shape}")
 
 
+def with_column_dequantization(flow: Flow, columns: Sequence[bool], standardizer: Standardizer) -> Flow:
+    r"""The vector flow ``flow``, for data standardised by ``standardizer``, followed by a
+    :class:`~pyro_flowpack.transforms.ColumnDequantization` of the integer-valued
+    ``columns`` (booleans, one per feature), on the grid of the integers standardised.
+
+    Its ``log_prob`` of a standardised row is a one-sample lower bound on the log of the
+    probability of the row's integer columns times the density of the others in
+    standardised units; in the data's units the bound is that plus :math:`\sum_j \log
+    \sigma_j` over the other columns only.
+
+    Example:
+        >>> s = Standardizer(torch.tensor([3.0, 0.0]).double(), torch.tensor([2.0, 1.0]).double())
+        >>> flow = with_column_dequantization(build_flow("maf", (2,), transforms=1, hidden=(8,)), [True, False], s)
+        >>> flow().log_prob(torch.tensor([[0.5, 0.3]])).shape  # the integer 4, standardised
+        torch.Size([1])
+    """
+    layer = ColumnDequantization(torch.as_tensor(columns, dtype=torch.bool), standardizer.mean, standardizer.std)
+    return Flow([flow.transform, layer.to(flow.base().mean.dtype)], flow.base())
+
+
 @dataclass
 class Run:
     r"""A trained run reloaded from its folder.
@@ -102,8 +124,11 @@ class Run:
             :math:`x = \mu + \sigma \odot z` (an
             :class:`~pyro_flowpack.transforms.ElementwiseAffine`), in ``float64`` so that
             columns such as :math:`10^7 + 0.1\,\varepsilon` keep their precision; its
-            ``log_prob`` takes raw rows and its samples are raw rows. For other runs,
-            the model itself.
+            ``log_prob`` takes raw rows and its samples are raw rows. A run trained with
+            dequantized columns ends instead in a
+            :class:`~pyro_flowpack.transforms.ColumnDequantization` on the integers
+            themselves, after the map: ``log_prob`` is the bound in the data's units
+            and samples hold exact integers there. For other runs, the model itself.
         model: The flow as it was trained (on standardised data for a tabular run).
         checkpoint: The checkpoint's content (``state``, ``config``, ``metadata``, ...).
         path: The checkpoint file.
@@ -156,16 +181,25 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
         raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
     model = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
                        context=len(metadata.get("context_columns") or []), **metadata["flow"].get("options", {}))
+    standardizer = metadata.get("standardizer")
+    standardizer = Standardizer.from_state_dict(standardizer) if standardizer is not None else None
+    dequantized = metadata.get("dequantized")
+    if dequantized:
+        model = with_column_dequantization(model, [c in dequantized for c in metadata["columns"]], standardizer)
     model.load_state_dict(checkpoint["model"])
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     model.to(device).eval()
     flow = model
-    if metadata.get("standardizer") is not None:
-        standardizer = Standardizer.from_state_dict(metadata["standardizer"])
+    if standardizer is not None:
         back = ElementwiseAffine(standardizer.mean, standardizer.std)
         context = metadata.get("context_standardizer")
         context = Standardizer.from_state_dict(context) if context is not None else None
-        flow = RawUnitsFlow([copy.deepcopy(model.transform), back], model.base(), context)
+        if dequantized:  # the same bound, with the noise drawn on the integers themselves
+            layers, dequantization = model.transform.parts
+            parts = [copy.deepcopy(layers), back, ColumnDequantization(dequantization.columns.cpu())]
+        else:
+            parts = [copy.deepcopy(model.transform), back]
+        flow = RawUnitsFlow(parts, model.base(), context)
         flow = flow.double().to(device).eval()
     return Run(flow, model, checkpoint, path)
 

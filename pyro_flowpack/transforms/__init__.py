@@ -3,7 +3,7 @@ r"""Layers: every one a Pyro ``TransformModule`` deriving from :class:`FlowTrans
 from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedSplineAutoregressive
 from .base import Compose, ConditionedTransform, FlowTransform, Inverse
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
-from .dequantization import Dequantization, UniformDequantization, VariationalDequantization
+from .dequantization import ColumnDequantization, Dequantization, UniformDequantization, VariationalDequantization
 from .elementwise import ElementwiseAffine, Logit, Scale
 from .linear import InvertibleConv1x1, LULinear, Permute, Reverse
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
@@ -16,7 +16,7 @@ __all__ = [
     "Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling",
     "MaskedAutoregressive", "MaskedAffineAutoregressive", "MaskedSplineAutoregressive",
     "Permute", "Reverse", "LULinear", "InvertibleConv1x1", "ActNorm", "BatchNorm", "Logit", "Scale", "ElementwiseAffine", "Squeeze", "FactorOut",
-    "Dequantization", "UniformDequantization", "VariationalDequantization",
+    "Dequantization", "UniformDequantization", "VariationalDequantization", "ColumnDequantization",
     "MonotoneMap", "Additive", "Affine", "RationalQuadraticSpline",
     "ZukoTransform",
 ]
