@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -62,7 +61,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 # The pictures that `flowpack train` writes into the run folder.
-RUN_PICTURES = ("loss.png", "density.png", "samples.png")
 # Where `flowpack sample` writes without -o: a folder of its own, one file per draw, so
 # that it never overwrites a training picture or an earlier draw with other settings.
 DEFAULT_SAMPLES = "RUN_DIR/samples/{best|last}-n{N}-seed{S}-T{T}.npy"
@@ -479,7 +477,9 @@ def _train_in(folder, flow, data, config, settings, metadata, resume, distribute
     if distributed.enabled:  # every process evaluates its share with rank 0's parameters
         for tensor in flow.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
-    summary = _evaluate_flow(flow, data, "test", settings["k"], distributed, iw=distributed.main)
+    from .train.report import evaluate_split, picture_title, run_pictures, summary_text
+
+    summary = evaluate_split(flow, data, "test", settings["k"], distributed, iw=distributed.main)
     if distributed.main:
         summary.update({"steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
                         "best_epoch": result.best_epoch, "best_valid": result.best_valid,
@@ -487,146 +487,18 @@ def _train_in(folder, flow, data, config, settings, metadata, resume, distribute
                         # seconds of training over all resumed parts of the run
                         "train_time_s": round(result.history[-1]["time"], 2) if result.history else 0.0,
                         "checkpoint": str(best)})
-        pictures = _pictures(flow, data, out, settings["temperature"], summary["unit"],
-                             _picture_title(data.name, settings["flow"], summary))
+        pictures = run_pictures(flow, data, out, settings["temperature"], summary["unit"],
+                                picture_title(data.name, settings["flow"], summary))
         summary["pictures"] = [str(p) for p in pictures]
         if not all(math.isfinite(summary[k]) for k in ("nll", "nll_data_units", "bpd_bound", "bpd_iw") if k in summary):
-            print(f"{PROG}: the final evaluation is not finite: {_summary_text(summary)}", file=sys.stderr)
+            print(f"{PROG}: the final evaluation is not finite: {summary_text(summary)}", file=sys.stderr)
             return 1
         path = folder.write_json("summary", summary)
-        print(_summary_text(summary), flush=True)
+        print(f"{PROG}: {summary_text(summary)}", flush=True)
         print(f"{PROG}: wrote " + ", ".join(summary["pictures"] + [str(path)]), flush=True)
     if distributed.enabled:
         torch.distributed.destroy_process_group()
     return 0
-
-
-def _evaluate_flow(flow, data, split: str, k: int, distributed=None, iw: bool = True) -> dict[str, Any]:
-    """Test metrics of ``flow`` on ``data``'s ``split`` (and the IW estimate for images)."""
-    from .train import evaluate_iw_nll, evaluate_nll
-
-    x = getattr(data, split)
-    if len(x) == 0:
-        raise CommandError(f"the {split} split of {data.name} is empty")
-    nll = evaluate_nll(flow, x, 1024, distributed, context=(data.context or {}).get(split))
-    summary: dict[str, Any] = {"data": data.name, "split": split, "examples": len(x)}
-    if data.kind == "image":
-        dims = data.event_shape.numel()
-        summary.update({"unit": "bits/dim", "nll_bound_nats": nll, "bpd_bound": nll / (dims * math.log(2))})
-        if iw:
-            summary.update({"k": k, "bpd_iw": evaluate_iw_nll(flow, x, k) / (dims * math.log(2))})
-    else:
-        summary.update({"unit": "nats", "nll": nll})
-        if data.standardizer is not None:
-            summary["nll_data_units"] = nll + _data_units_shift(data)
-            if data.dequantized:
-                summary.update({"bound": True, "dequantized": list(data.dequantized)})
-    return summary
-
-
-def _data_units_shift(data) -> float:
-    r"""What the NLL gains from standardised to data units: :math:`\sum_j \log \sigma_j` over
-    the columns with a density (the probability of a dequantized column has no units)."""
-    if not data.dequantized:
-        return data.standardizer.log_abs_det().item()
-    return sum(math.log(s) for s, c in zip(data.standardizer.std.tolist(), data.columns) if c not in data.dequantized)
-
-
-def _summary_text(summary: dict[str, Any]) -> str:
-    where = f"{summary['split']} split of {summary['data']} ({summary['examples']} examples)"
-    if summary["unit"] == "bits/dim":
-        text = f"{PROG}: {where}: {summary['bpd_bound']:.4f} bits/dim (bound)"
-        if "bpd_iw" in summary:
-            text += f", {summary['bpd_iw']:.4f} bits/dim (importance-weighted, k={summary['k']})"
-        return text
-    text = f"{PROG}: {where}: NLL {summary['nll']:.4f} nats"
-    if "nll_data_units" in summary:
-        text += f" (standardised); {summary['nll_data_units']:.4f} nats in the units of the file"
-    if summary.get("bound"):
-        text += f" (an upper bound: {', '.join(map(repr, summary['dequantized']))} dequantized)"
-    return text
-
-
-def _picture_title(data_name: str | None, flow_name: str | None, summary: dict[str, Any] | None) -> str:
-    """What a picture shows: the data set (a file by its name), the flow and, if known, its
-    test NLL (tabular: also in data units) or bits/dim."""
-    parts = [Path(data_name).name if data_name else None, flow_name]
-    if summary:
-        if summary["unit"] == "bits/dim":
-            nll = f"{summary['split']} {summary['bpd_bound']:.4f} bits/dim (bound)"
-            if "bpd_iw" in summary:
-                nll += f", {summary['bpd_iw']:.4f} (importance-weighted, k={summary['k']})"
-        else:
-            nll = f"{summary['split']} NLL {summary['nll']:.4f} nats"
-            if "nll_data_units" in summary:
-                nll += f" (standardised), {summary['nll_data_units']:.4f} nats in data units"
-            if summary.get("bound"):
-                nll += " (bound)"
-        parts.append(nll)
-    return " | ".join(p for p in parts if p)
-
-
-def _header_names(path: str | None, columns: list[str] | None, features: int) -> list[str] | None:
-    """The CSV header's names of the modelled columns (``columns``, the run's selection, or
-    all), for axis labels; ``None`` for a file without a header."""
-    from .data import column_names
-
-    header = column_names(path) if path else None
-    names = header if header is None or columns is None else columns
-    return list(names) if names is not None and len(names) == features else None
-
-
-def _sampled(title: str, temperature: float) -> str:
-    """``title`` for a picture of samples drawn at ``temperature``."""
-    return " | ".join(p for p in (title, f"samples at T={temperature:g}") if p)
-
-
-def _pictures(flow, data, out: Path, temperature: float, unit: str, title: str = "") -> list[Path]:
-    """Loss curve and a picture of the model in the run folder, titled ``title``."""
-    import torch
-
-    from . import plots
-    from .train import read_metrics
-
-    loss_png, density_png, samples_png = (out / name for name in RUN_PICTURES)
-    paths = [plots.loss_curve(read_metrics(out), loss_png, unit=unit, title=title)]
-    flow.eval()
-    context = (data.context or {}).get("test")
-
-    def draw(n: int):  # a conditional flow: one draw for each of the first n test contexts
-        if context is None:
-            return flow().sample((n,))
-        return flow(context[:n].to(next(flow.parameters()))).sample()
-
-    with torch.no_grad():
-        if data.kind == "image":
-            samples = flow().sample((64,), temperature=temperature)
-            paths.append(plots.image_grid(samples.cpu(), samples_png, num_bins=data.num_bins,
-                                          title=_sampled(title, temperature)))
-        elif data.event_shape[0] == 2 and context is None and not data.dequantized:  # a density needs real columns
-            samples = _to_data_units(flow().sample((len(data.test),)).cpu(), data)
-            paths.append(plots.density_2d(_data_units_log_prob(flow, data), _to_data_units(data.test, data),
-                                          density_png, samples=samples, title=_sampled(title, 1.0)))
-        else:
-            samples = _to_data_units(draw(min(len(data.test), 2000)).cpu(), data)
-            names = _header_names(data.name, data.columns, samples.shape[1]) if data.kind == "tabular" else None
-            paths.append(plots.scatter(samples, samples_png, data=_to_data_units(data.test[:2000], data), names=names,
-                                       title=_sampled(title, 1.0)))
-    return paths
-
-
-def _to_data_units(x, data):
-    return data.standardizer.inverse(x) if data.standardizer is not None else x
-
-
-def _data_units_log_prob(flow, data):
-    """``log p(x)`` in the units of the data file (the standardised flow's density, moved)."""
-    reference = next(flow.parameters())
-    if data.standardizer is None:
-        return lambda x: flow().log_prob(x.to(reference)).cpu()
-    s = data.standardizer
-    # standardised in double precision, then cast to the flow's dtype
-    return lambda x: (flow().log_prob(s.transform(x.double()).to(reference)).cpu() - s.log_abs_det())
 
 
 def _load(run_dir: Path, which: str, device: str):
@@ -666,9 +538,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = _load_data(settings["data"], options)
     data.standardizer = _standardizer(run) or data.standardizer
     torch.manual_seed(0)
-    summary = _evaluate_flow(run.model, data, args.split, args.k or settings["k"])
+    from .train.report import evaluate_split, summary_text
+
+    try:
+        summary = evaluate_split(run.model, data, args.split, args.k or settings["k"])
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     summary["checkpoint"] = str(run.path)
-    print(json.dumps(summary) if args.json else _summary_text(summary))
+    print(json.dumps(summary) if args.json else f"{PROG}: {summary_text(summary)}")
     return 0
 
 
@@ -677,6 +554,8 @@ def _refuse_run_files(run_dir: Path, *paths: Path) -> None:
     from .train.folder import FILES
 
     run_dir = run_dir.resolve()
+    from .train.report import RUN_PICTURES
+
     own = {run_dir / name for name in (*FILES.values(), *RUN_PICTURES)}
     for path in paths:
         target = path.resolve()
@@ -743,12 +622,14 @@ def _sample(args: argparse.Namespace) -> int:
         write_atomically(output, save)
     data = run.metadata.get("data") or {}
     spec = data.get("spec")
-    title = _sampled(_picture_title(DATA_ALIASES.get(spec, spec), (run.metadata.get("flow") or {}).get("name"),
+    from .train.report import header_names, sampled_title, picture_title
+
+    title = sampled_title(picture_title(DATA_ALIASES.get(spec, spec), (run.metadata.get("flow") or {}).get("name"),
                                     _summary_of(args.run, run)), args.temperature)
     if samples.dim() == 4:
         plots.image_grid(samples, picture, num_bins=run.metadata["num_bins"], title=title)
     else:
-        names = (_header_names(spec, run.metadata.get("columns"), samples.shape[1])
+        names = (header_names(spec, run.metadata.get("columns"), samples.shape[1])
                  if run.metadata.get("kind") == "tabular" else None)
         plots.scatter(samples, picture, names=names, title=title)
     print(f"{PROG}: wrote {args.num_samples} samples of shape {tuple(samples.shape[1:])} to {output} and {picture}")

@@ -12,9 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -351,7 +351,7 @@ def _image_file(path: str, key: str | None, num_bins: int, seed: int, size: int 
     """A user's file of integer images (N, C, H, W), split like a table."""
     from pathlib import Path
 
-    from .tabular import _pick, _read_numpy, _read_pt
+    from .tabular import _read_numpy, _read_pt
 
     file = Path(path).expanduser()
     if file.suffix.lower() not in (".npy", ".npz", ".pt"):

@@ -16,6 +16,7 @@ from .loop import (
     fit,
     read_metrics,
 )
+from .report import evaluate_split, run_pictures, summary_text
 from .run import IMAGE_FLOWS, VECTOR_FLOWS, Run, build_flow, load_run
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "RESUMABLE",
     "build_flow",
     "load_run",
+    "evaluate_split",
+    "summary_text",
+    "run_pictures",
     "Run",
     "VECTOR_FLOWS",
     "IMAGE_FLOWS",

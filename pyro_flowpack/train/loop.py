@@ -18,14 +18,12 @@ The same code runs one process or many under ``torchrun`` (see
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
