@@ -651,7 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except CommandError as error:  # bad arguments or data, found before any training
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for a library's multi-line message
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
