@@ -494,6 +494,10 @@ def _train_in(folder, flow, data, config, settings, metadata, resume, distribute
             print(f"{PROG}: the final evaluation is not finite: {summary_text(summary)}", file=sys.stderr)
             return 1
         path = folder.write_json("summary", summary)
+        if result.nonfinite_valid or result.nonfinite_steps:
+            print(f"{PROG}: warning: {result.nonfinite_valid} epoch(s) had a non-finite validation loss (never taken "
+                  f"as the best) and {result.nonfinite_steps} step(s) a non-finite loss or gradient (skipped); see "
+                  f"{folder.file('metrics')}", file=sys.stderr)
         print(f"{PROG}: {summary_text(summary)}", flush=True)
         print(f"{PROG}: wrote " + ", ".join(summary["pictures"] + [str(path)]), flush=True)
     if distributed.enabled:

@@ -7,6 +7,7 @@ files found from anywhere and refused once edited, and every failure a one-line 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -322,3 +323,26 @@ def test_a_corrupt_best_pt_is_repaired_when_last_holds_the_best_and_refused_othe
     torch.save(last, run / "checkpoints" / "last.pt")
     status, _, err = flowpack(["evaluate", run], capsys)
     assert status == 2 and one_line(err) and "not a readable checkpoint" in err
+
+
+def test_a_non_finite_validation_loss_in_one_epoch_is_flagged_and_never_the_best(tmp_path, capsys, monkeypatch,
+                                                                                keep_threads):
+    """As when a BatchNorm's running variance overflows for an epoch: that epoch is recorded
+    with a null loss, counted in the summary, never the best, and the command warns."""
+    evaluate, calls = loop.evaluate_nll, []
+
+    def second_is_inf(*args, **kwargs):
+        calls.append(1)
+        return math.inf if len(calls) == 2 else evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_nll", second_is_inf)
+    run = tmp_path / "run"
+    status, _, err = flowpack(["train", "--data", "moons", "--out", run, "--size", 300, "--transforms", 1, "--hidden", 8,
+                               "--epochs", 3, "--no-progress",
+                               "--threads", 1], capsys)
+    assert status == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nonfinite_valid"] == 1 and summary["best_epoch"] != 2
+    assert "warning: 1 epoch(s) had a non-finite validation loss" in err
+    epochs = [r for r in RunFolder(run).read_metrics() if "valid_loss" in r]
+    assert [r["valid_loss"] is None for r in epochs] == [False, True, False]
