@@ -556,10 +556,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _refuse_run_files(run_dir: Path, *paths: Path) -> None:
     """Refuses a path that is one of the run's own files (pictures, checkpoints, logs)."""
     from .train.folder import FILES
-
-    run_dir = run_dir.resolve()
     from .train.report import RUN_PICTURES
 
+    run_dir = run_dir.resolve()
     own = {run_dir / name for name in (*FILES.values(), *RUN_PICTURES)}
     for path in paths:
         target = path.resolve()
@@ -592,6 +591,7 @@ def _sample(args: argparse.Namespace) -> int:
     from . import plots
     from .data import DATA_ALIASES
     from .train import write_atomically
+    from .train.report import header_names, picture_title, sampled_title
 
     run = _load(args.run, args.checkpoint, args.device)
     output = args.output or args.run / "samples" / (
@@ -626,8 +626,6 @@ def _sample(args: argparse.Namespace) -> int:
         write_atomically(output, save)
     data = run.metadata.get("data") or {}
     spec = data.get("spec")
-    from .train.report import header_names, sampled_title, picture_title
-
     title = sampled_title(picture_title(DATA_ALIASES.get(spec, spec), (run.metadata.get("flow") or {}).get("name"),
                                     _summary_of(args.run, run)), args.temperature)
     if samples.dim() == 4:
