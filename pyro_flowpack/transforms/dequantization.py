@@ -33,6 +33,7 @@ from torch.distributions import Distribution, constraints
 
 from .base import Compose, FlowTransform, ShapeLike, as_shape
 from .coupling import AffineCoupling, coupling_mask
+from .elementwise import check_loc_scale
 
 __all__ = ["Dequantization", "UniformDequantization", "VariationalDequantization", "ColumnDequantization"]
 
@@ -259,16 +260,12 @@ class ColumnDequantization(FlowTransform):
             raise ValueError(f"ColumnDequantization expects columns to be booleans of shape (D,) with at least one "
                              f"true, got {columns.dtype} of shape {tuple(columns.shape)}")
         loc = torch.zeros(len(columns)) if loc is None else torch.as_tensor(loc)
-        scale = torch.ones(len(columns), dtype=loc.dtype) if scale is None else torch.as_tensor(scale)
-        if loc.shape != columns.shape or scale.shape != columns.shape or not loc.is_floating_point():
-            raise ValueError(f"ColumnDequantization expects floating loc and scale of shape {tuple(columns.shape)}, "
-                             f"got {tuple(loc.shape)} and {tuple(scale.shape)}")
-        if not bool(torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError("ColumnDequantization expects a finite loc and a finite, positive scale")
+        scale = torch.ones(len(columns), dtype=loc.dtype) if scale is None else scale
+        loc, scale = check_loc_scale("ColumnDequantization", loc, scale, columns.shape)
         super().__init__(columns.shape)
         self.register_buffer("columns", columns.clone())
-        self.register_buffer("loc", loc.clone())
-        self.register_buffer("scale", scale.to(loc.dtype).clone())
+        self.register_buffer("loc", loc)
+        self.register_buffer("scale", scale)
 
     def _log_q(self, value: Tensor) -> Tensor:
         batch = value.shape[:-1]

@@ -9,6 +9,7 @@ maps pixel values to :math:`[0, 1)` (or back).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,19 @@ class Scale(FlowTransform):
         return f"shape={tuple(self.event_shape)}, scale={self.scale}"
 
 
+def check_loc_scale(name: str, loc: Tensor, scale: Tensor, shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Copies of a floating ``loc`` and a finite, positive ``scale`` of one shape (``shape``
+    if given), in ``loc``'s dtype, or a clear error."""
+    loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+    expected = tuple(loc.shape) if shape is None else tuple(shape)
+    if tuple(loc.shape) != expected or tuple(scale.shape) != expected or loc.dim() == 0 or not loc.is_floating_point():
+        raise ValueError(f"{name} expects floating loc and scale of shape {expected}, got "
+                         f"{tuple(loc.shape)} and {tuple(scale.shape)}")
+    if not bool(torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"{name} expects a finite loc and a finite, positive scale")
+    return loc.clone(), scale.to(loc.dtype).clone()
+
+
 class ElementwiseAffine(FlowTransform):
     r"""Creates a layer with a fixed elementwise affine map,
 
@@ -193,15 +207,10 @@ class ElementwiseAffine(FlowTransform):
     """
 
     def __init__(self, loc: Tensor, scale: Tensor) -> None:
-        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
-        if loc.shape != scale.shape or loc.dim() == 0 or not loc.is_floating_point():
-            raise ValueError(f"ElementwiseAffine expects floating loc and scale of the same event shape, got "
-                             f"{tuple(loc.shape)} and {tuple(scale.shape)}")
-        if not bool(torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError("ElementwiseAffine expects a finite loc and a finite, positive scale")
+        loc, scale = check_loc_scale("ElementwiseAffine", loc, scale)
         super().__init__(loc.shape)
-        self.register_buffer("loc", loc.clone())
-        self.register_buffer("scale", scale.to(loc.dtype).clone())
+        self.register_buffer("loc", loc)
+        self.register_buffer("scale", scale)
 
     def _ladj(self, value: Tensor) -> Tensor:
         batch = value.shape[: value.dim() - len(self.event_shape)]
