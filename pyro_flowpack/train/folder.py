@@ -196,23 +196,26 @@ class RunFolder:
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
         if not self.path.is_dir():
             raise FileNotFoundError(f"no run folder at {self.path}")
-        self.repair()
+        last = self.repair(map_location)
         path = self.file(which)
         if which == "best" and not path.exists():
             path = self.file("last")
+        if path == self.file("last") and last is not None:
+            return last  # read once, by repair
         return load_checkpoint(path, map_location=map_location)
 
-    def repair(self) -> None:
+    def repair(self, map_location: Any = "cpu") -> dict[str, Any] | None:
         r"""Makes ``best.pt`` agree with ``last.pt``: if ``last.pt`` says the best model was
         reached at its own step and ``best.pt`` is missing or older (a kill between the two
-        writes), ``last.pt`` is copied over. Does nothing for a folder without a run."""
+        writes), ``last.pt`` is copied over. Returns ``last.pt``'s content (``None`` for a
+        folder without a run)."""
         if not self.holds_run():
-            return
-        last = load_checkpoint(self.file("last"))
+            return None
+        last = load_checkpoint(self.file("last"), map_location=map_location)
         state = last.get("state", {})
         best_step = state.get("best_step")
         if best_step is None:
-            return
+            return last
         best_path = self.file("best")
         if best_path.exists():
             try:
@@ -220,12 +223,13 @@ class RunFolder:
             except ValueError:
                 current = None  # a corrupt best.pt: rewritten below if last.pt holds the best model
             if current == best_step:
-                return
+                return last
         if state.get("step") == best_step:
             save_checkpoint(best_path, {k: v for k, v in last.items() if k != "format"})
         elif not best_path.exists():
             raise ValueError(f"{best_path} is missing and {self.file('last')} does not hold the best model "
                              f"(best at step {best_step}, last at step {state.get('step')})")
+        return last
 
     # Metrics -------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
