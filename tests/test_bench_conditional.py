@@ -1,15 +1,15 @@
 r"""bench/conditional.py runs end to end in its smoke mode and writes what it promises;
 its true conditional NLLs are right."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributions import Distribution
+
+from scripts import loaded_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "conditional.py"
 
@@ -18,14 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "conditional.py"
 def bench():
     """The benchmark script as a module (its import leaves torch's validation setting as
     it was; restored anyway)."""
-    saved = Distribution._validate_args
-    spec = importlib.util.spec_from_file_location("bench_conditional", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    Distribution.set_default_validate_args(saved)
+    with loaded_script(SCRIPT, "bench_conditional") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

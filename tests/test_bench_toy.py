@@ -1,15 +1,15 @@
 r"""bench/toy.py runs end to end with a tiny budget and writes what it promises."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from torch.distributions import Distribution
+
+from scripts import loaded_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "toy.py"
 
@@ -18,14 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "toy.py"
 def toy():
     """The benchmark script as a module; importing it imports zuko, so the global state
     of torch's distribution validation is restored afterwards."""
-    saved = Distribution._validate_args
-    spec = importlib.util.spec_from_file_location("bench_toy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    Distribution.set_default_validate_args(saved)
+    with loaded_script(SCRIPT, "bench_toy") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
