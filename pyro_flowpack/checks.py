@@ -21,7 +21,21 @@ import math
 import operator
 from typing import Any, Sequence
 
-__all__ = ["check_int", "check_real", "check_positive", "check_sizes"]
+import torch
+from torch import Size, Tensor
+from torch.distributions import Distribution
+
+__all__ = [
+    "check_int",
+    "check_real",
+    "check_positive",
+    "check_sizes",
+    "as_shape",
+    "check_tensor",
+    "check_like",
+    "check_finite",
+    "ShapeLike",
+]
 
 
 def check_int(value: Any, what: str, minimum: int | None = 1, maximum: int | None = None) -> int:
@@ -81,3 +95,42 @@ def check_sizes(value: Any, what: str, allow_empty: bool = True) -> tuple[int, .
     if not sizes and not allow_empty:
         raise ValueError(f"{expected}, got {value!r}")
     return tuple(sizes)
+
+
+ShapeLike = int | Sequence[int] | Size
+
+
+def as_shape(shape: ShapeLike) -> Size:
+    """Turns an int (a number of features) or a sequence of positive ints into a
+    :class:`torch.Size`, raising a clear error otherwise."""
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    return Size(check_int(d, "an event shape's entries") for d in dims)
+
+
+def check_tensor(name: str, what: str, value: Any, event_shape: Size) -> None:
+    r"""Raises a clear error unless ``value`` is a floating tensor ending in ``event_shape``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} expects the {what} to be a torch.Tensor, got {type(value).__name__}")
+    n = len(event_shape)
+    if value.dim() < n or value.shape[value.dim() - n :] != event_shape:
+        raise ValueError(
+            f"{name} expects the {what} to have trailing (event) shape {tuple(event_shape)}, "
+            f"got a tensor of shape {tuple(value.shape)}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point {what}, got dtype {value.dtype}")
+
+
+def check_like(name: str, what: str, value: Tensor, reference: Tensor) -> None:
+    r"""Raises a clear error unless ``value`` has the dtype and device of ``reference``."""
+    if value.dtype != reference.dtype or value.device != reference.device:
+        raise TypeError(
+            f"{name} expects a {what} of dtype {reference.dtype} on {reference.device} (the flow's), "
+            f"got {value.dtype} on {value.device}; move the flow with .to() or convert the {what}"
+        )
+
+
+def check_finite(name: str, what: str, value: Tensor) -> None:
+    r"""Under torch's distribution validation, raises if ``value`` holds NaN or infinity."""
+    if Distribution._validate_args and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} got a non-finite {what} (NaN or infinity); expected finite values")

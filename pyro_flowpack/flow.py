@@ -19,7 +19,9 @@ import torch.nn as nn
 from torch import Size, Tensor
 from torch.distributions import Distribution, Independent, Transform
 
-from .transforms.base import Compose, FlowTransform, check_finite, check_like, check_tensor
+from .checks import check_finite, check_like, check_tensor
+from .transforms.base import FlowTransform
+from .transforms.compose import Compose
 
 __all__ = ["Flow", "FlowDistribution"]
 

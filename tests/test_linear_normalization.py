@@ -87,7 +87,7 @@ def test_reverse_reverses_the_order():
 
 @pytest.mark.parametrize("features", [0, -1, 2.0, True])
 def test_reverse_rejects_non_positive_int_features(features):
-    with pytest.raises(ValueError, match="Reverse expects features to be an int >= 1"):
+    with pytest.raises(ValueError, match="Reverse: features must be an int >= 1"):
         Reverse(features)
 
 

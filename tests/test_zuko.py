@@ -175,7 +175,7 @@ def test_clear_errors():
     conditional = pf.flows.from_zuko(zuko.flows.MAF(2, 3), context=3)
     with pytest.raises(ValueError, match="conditional on 3 context features but no context"):
         conditional().log_prob(torch.randn(2))
-    with pytest.raises(ValueError, match="CNF expects features to be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="CNF: features must be an int >= 1, got 0"):
         pf.flows.CNF(0)
     with pytest.raises(ValueError, match="CNF expects a positive atol, got -1"):
         pf.flows.CNF(2, atol=-1)

@@ -20,7 +20,9 @@ from typing import Callable, Sequence
 from torch import Size
 
 from ..flow import Flow
-from ..transforms.base import Compose, FlowTransform, Inverse, as_shape
+from ..checks import as_shape
+from ..transforms.base import FlowTransform, Inverse
+from ..transforms.compose import Compose
 from ..transforms.coupling import AffineCoupling, SplineCoupling, coupling_mask
 from ..transforms.dequantization import UniformDequantization, VariationalDequantization
 from ..transforms.elementwise import Logit

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.distributions import Distribution, Independent, Normal, Uniform
 
 from ..flow import Flow
-from ..transforms.base import check_features
+from ..checks import check_int
 from ..transforms.zuko import ZukoTransform, import_zuko
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class CNF(Flow):
         freqs: int = 3,
         activation: Callable[[], nn.Module] = nn.ELU,
     ) -> None:
-        check_features("CNF", features)
+        check_int(features, "CNF: features")
         for name, value in (("atol", atol), ("rtol", rtol)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"CNF expects a positive {name}, got {value!r}")

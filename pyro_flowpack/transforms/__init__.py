@@ -1,7 +1,8 @@
 r"""Layers: every one a Pyro ``TransformModule`` deriving from :class:`FlowTransform`."""
 
 from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive, MaskedSplineAutoregressive
-from .base import Compose, ConditionedTransform, FlowTransform, Inverse
+from .base import ConditionedTransform, FlowTransform, Inverse
+from .compose import Compose
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .dequantization import ColumnDequantization, Dequantization, UniformDequantization, VariationalDequantization
 from .elementwise import ElementwiseAffine, Logit, Scale

@@ -1,4 +1,5 @@
-r"""The layer base class, its inverse and composition.
+r"""The layer protocol: the base class of every layer, a layer bound to a context, and
+the inverse of a layer.
 
 Every pyro-flowpack layer derives from :class:`FlowTransform`, a Pyro
 :class:`~pyro.distributions.torch_transform.TransformModule` (so both a
@@ -20,126 +21,19 @@ summed over the event dimensions (its shape is the batch shape).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import Size, Tensor
-from torch.distributions import Distribution, Transform, constraints
-from torch.distributions.utils import _sum_rightmost
+from torch.distributions import Transform, constraints
 
-__all__ = [
-    "FlowTransform",
-    "check_features",
-    "Inverse",
-    "Compose",
-    "ConditionedTransform",
-    "call_and_ladj",
-]
+from ..checks import ShapeLike, as_shape, check_finite, check_tensor
+from .cache import CacheEntry, LayerState, collect_tensors
 
-ShapeLike = int | Sequence[int] | Size
-
-
-def check_features(name: str, features: Any, minimum: int = 1) -> int:
-    """Raises a clear error unless ``features`` is an int of at least ``minimum``."""
-    if isinstance(features, bool) or not isinstance(features, int) or features < minimum:
-        raise ValueError(f"{name} expects features to be an int >= {minimum}, got {features!r}")
-    return features
-
-
-def as_shape(shape: ShapeLike) -> Size:
-    """Turns an int (a number of features) or a sequence of positive ints into a
-    :class:`torch.Size`, raising a clear error otherwise."""
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    for d in dims:
-        check_features("an event shape", d)
-    return Size(dims)
-
-
-def check_tensor(name: str, what: str, value: Any, event_shape: Size) -> None:
-    r"""Raises a clear error unless ``value`` is a floating tensor ending in ``event_shape``."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} expects the {what} to be a torch.Tensor, got {type(value).__name__}")
-    n = len(event_shape)
-    if value.dim() < n or value.shape[value.dim() - n :] != event_shape:
-        raise ValueError(
-            f"{name} expects the {what} to have trailing (event) shape {tuple(event_shape)}, "
-            f"got a tensor of shape {tuple(value.shape)}"
-        )
-    if not value.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point {what}, got dtype {value.dtype}")
-
-
-def check_like(name: str, what: str, value: Tensor, reference: Tensor) -> None:
-    r"""Raises a clear error unless ``value`` has the dtype and device of ``reference``."""
-    if value.dtype != reference.dtype or value.device != reference.device:
-        raise TypeError(
-            f"{name} expects a {what} of dtype {reference.dtype} on {reference.device} (the flow's), "
-            f"got {value.dtype} on {value.device}; move the flow with .to() or convert the {what}"
-        )
-
-
-def check_finite(name: str, what: str, value: Tensor) -> None:
-    r"""Under torch's distribution validation, raises if ``value`` holds NaN or infinity."""
-    if Distribution._validate_args and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} got a non-finite {what} (NaN or infinity); expected finite values")
-
-
-def _collect_tensors(module: nn.Module, out: list[Tensor]) -> None:
-    # a direct walk of the module tree: several times cheaper than .parameters(), and it
-    # always sees the current tensors, even after parameters or submodules are replaced
-    for t in module._parameters.values():
-        if t is not None:
-            out.append(t)
-    for t in module._buffers.values():
-        if t is not None:
-            out.append(t)
-    for m in module._modules.values():
-        if m is not None:
-            _collect_tensors(m, out)
-
-
-class _State:
-    """What a layer's evaluation depends on besides its inputs: the grad and train modes,
-    and each parameter and buffer, by identity and version counter (a tensor replaced by
-    another of the same version, or updated in place, both make the state differ)."""
-
-    __slots__ = ("modes", "tensors", "versions")
-
-    def __init__(self, modes: tuple, tensors: list[Tensor]) -> None:
-        self.modes, self.tensors = modes, tensors
-        self.versions = [t._version for t in tensors]
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _State)
-            and self.modes == other.modes
-            and len(self.tensors) == len(other.tensors)
-            and all(a is b for a, b in zip(self.tensors, other.tensors))
-            and self.versions == other.versions
-        )
-
-    __hash__ = None  # mutable tensors: compared, never hashed
-
-
-class _CacheEntry:
-    """One evaluation of a layer: its inputs, outputs, and what it depends on."""
-
-    __slots__ = ("x", "y", "ladj", "context", "source", "state", "versions")
-
-    def __init__(self, x: Tensor, y: Tensor, ladj: Tensor, context: Tensor | None, source: str, state: _State):
-        self.x, self.y, self.ladj, self.context, self.source = x, y, ladj, context, source
-        self.state, self.versions = state, self._versions(x, y, context)
-
-    @staticmethod
-    def _versions(x: Tensor, y: Tensor, context: Tensor | None) -> tuple:
-        return x._version, y._version, None if context is None else context._version
-
-    def valid(self, state: _State | None) -> bool:
-        """Whether the layer's state and the tensors (context included) are unchanged."""
-        return self.state == state and self.versions == self._versions(self.x, self.y, self.context)
+__all__ = ["FlowTransform", "ConditionedTransform", "Inverse"]
 
 
 class FlowTransform(TransformModule, ConditionalTransformModule):
@@ -194,7 +88,7 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
         self.event_shape = as_shape(event_shape)
         #: The shape of the context (empty for an unconditional layer).
         self.context_shape = Size() if context == 0 else as_shape(context)
-        self._cache: _CacheEntry | None = None
+        self._cache: CacheEntry | None = None
 
     @property
     def context_features(self) -> int:
@@ -264,17 +158,17 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
         return x.expand(batch + shape)
 
     # Cache --------------------------------------------------------------------------
-    def _state_key(self) -> _State | None:
+    def _state_key(self) -> LayerState | None:
         if not self.caches or torch.is_inference_mode_enabled():
             return None
         tensors: list[Tensor] = []
-        _collect_tensors(self, tensors)
+        collect_tensors(self, tensors)
         try:
-            return _State((torch.is_grad_enabled(), self.training), tensors)
+            return LayerState((torch.is_grad_enabled(), self.training), tensors)
         except RuntimeError:  # inference tensors (made under inference_mode) have no version
             return None
 
-    def _lookup(self, value: Tensor, context: Tensor | None, source: str) -> _CacheEntry | None:
+    def _lookup(self, value: Tensor, context: Tensor | None, source: str) -> CacheEntry | None:
         """The cached entry computed from ``source`` whose output is ``value``, if still valid."""
         entry = self._cache
         if entry is None or entry.source != source or entry.context is not context:
@@ -289,7 +183,7 @@ class FlowTransform(TransformModule, ConditionalTransformModule):
         if state is None or x.is_inference() or y.is_inference():
             self._cache = None
             return
-        self._cache = _CacheEntry(x, y, ladj, context, source, state)
+        self._cache = CacheEntry(x, y, ladj, context, source, state)
 
     def clear_cache(self) -> None:
         """Forgets the cached evaluation (it is never needed for correctness)."""
@@ -455,107 +349,3 @@ class Inverse(FlowTransform):
 
     def ladj(self, x: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
         return -self.layer.ladj(y, x, context)
-
-
-def call_and_ladj(
-    transform: Transform, x: Tensor, context: Tensor | None, event_dim: int, inverse: bool = False
-) -> tuple[Tensor, Tensor]:
-    r"""Applies any transform (fused for pyro-flowpack layers) and returns its output and
-    log-abs-det-Jacobian of the forward map summed down to the batch shape, where
-    ``event_dim`` is the number of event dimensions of the input."""
-    if isinstance(transform, FlowTransform):
-        context = context if transform.context_shape else None
-        if inverse:
-            return transform.inverse_and_ladj(x, context)
-        return transform.call_and_ladj(x, context)
-    if isinstance(transform, nn.Module) and hasattr(transform, "condition") and context is not None:
-        transform = transform.condition(context)
-    if inverse:
-        y = transform.inv(x)
-        ladj = transform.log_abs_det_jacobian(y, x)
-    else:
-        y = transform(x)
-        ladj = transform.log_abs_det_jacobian(x, y)
-    batch_dim = x.dim() - event_dim
-    return y, _sum_rightmost(ladj, ladj.dim() - batch_dim)
-
-
-class Compose(FlowTransform):
-    r"""The composition :math:`f = f_n \circ \dots \circ f_1` of layers (``f_1`` on the
-    base side), with :math:`\log|\det J_f| = \sum_i \log|\det J_{f_i}|`.
-
-    Parts may be pyro-flowpack layers or any :class:`torch.distributions.Transform`;
-    context is passed to every conditional part.
-
-    Arguments:
-        transforms: The parts, from the base side to the data side.
-
-    Example:
-        >>> f = Compose(Reverse(2), AffineCoupling(2))
-        >>> y, ladj = f.call_and_ladj(torch.randn(5, 2))
-    """
-
-    def __init__(self, *transforms: Transform, event_shape: ShapeLike | None = None) -> None:
-        for t in transforms:
-            if not isinstance(t, Transform):
-                raise TypeError(f"Compose expects torch.distributions.Transform parts, got {type(t).__name__}")
-        if event_shape is None:
-            if not transforms or not isinstance(transforms[0], FlowTransform):
-                raise ValueError("Compose needs event_shape unless its first part is a FlowTransform")
-            event_shape = transforms[0].event_shape
-        shapes = [as_shape(event_shape)]
-        for t in transforms:
-            if isinstance(t, FlowTransform) and t.event_shape != shapes[-1]:
-                raise ValueError(
-                    f"Compose: {type(t).__name__} expects event shape {tuple(t.event_shape)}, "
-                    f"but the part before it gives {tuple(shapes[-1])}"
-                )
-            shapes.append(Size(t.forward_shape(shapes[-1])))
-        contexts = {t.context_shape for t in transforms if isinstance(t, FlowTransform)} - {Size()}
-        if len(contexts) > 1:
-            shapes_ = sorted(tuple(c) for c in contexts)
-            raise ValueError(f"Compose: parts disagree on the context shape: {shapes_}")
-        super().__init__(shapes[0], contexts.pop() if contexts else 0)
-        directions = {getattr(t, "sequential", None) for t in transforms}
-        # the direction to avoid for a log-determinant alone
-        self.sequential = "forward" if "forward" in directions else ("inverse" if "inverse" in directions else None)
-        self.parts = list(transforms)
-        self.modules_ = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
-        self._shapes = shapes
-        self.caches = not any(isinstance(m, FlowTransform) and m.stochastic for m in self.modules_.modules())
-
-    @property
-    def output_shape(self) -> Size:
-        return self._shapes[-1]
-
-    @property
-    def discrete_output(self) -> bool:
-        return bool(self.parts) and getattr(self.parts[-1], "discrete_output", False)
-
-    def _run(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        parts = zip(self.parts, self._shapes, self._shapes[1:])
-        if inverse:
-            parts = [(t, b, a) for t, a, b in reversed(list(parts))]
-        total = None
-        for t, shape_in, _ in parts:
-            value, ladj = call_and_ladj(t, value, context, len(shape_in), inverse)
-            total = ladj if total is None else total + ladj
-        if total is None:
-            total = value.new_zeros(value.shape[: value.dim() - len(self.output_shape)])
-        return value, total
-
-    # the composition caches its own evaluation too, so that ``log_abs_det_jacobian(x, y)``
-    # right after ``y = f(x)`` (as Pyro's NeuTraReparam calls them) runs no network again
-    def _forward_and_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self._run(x, context, inverse=False)
-
-    def _inverse_and_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self._run(y, context, inverse=True)
-
-
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, i: int) -> Transform:
-        return self.parts[i]

@@ -24,7 +24,8 @@ import torch.nn as nn
 from torch import Size, Tensor
 
 from ..nn import MLP, Constant, ConvResNet, cat_channels, cat_context
-from .base import FlowTransform, as_shape
+from ..checks import as_shape
+from .base import FlowTransform
 from .monotone import Additive, Affine, MonotoneMap, RationalQuadraticSpline
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]

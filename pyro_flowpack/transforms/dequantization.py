@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from .base import Compose, FlowTransform, ShapeLike, as_shape
+from ..checks import ShapeLike, as_shape
+from .base import FlowTransform
+from .compose import Compose
 from .coupling import AffineCoupling, coupling_mask
 from .elementwise import check_loc_scale
 

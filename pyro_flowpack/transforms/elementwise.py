@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from .base import FlowTransform, ShapeLike, as_shape
+from ..checks import ShapeLike, as_shape
+from .base import FlowTransform
 
 __all__ = ["Logit", "Scale", "ElementwiseAffine"]
 

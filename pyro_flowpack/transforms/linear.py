@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowTransform, as_shape, check_features
+from ..checks import as_shape, check_int
+from .base import FlowTransform
 
 __all__ = [
     "Permute",
@@ -85,7 +86,7 @@ class Permute(FlowTransform):
             >>> sorted(t.permutation.tolist())
             [0, 1, 2, 3]
         """
-        check_features("Permute.random", features)
+        check_int(features, "Permute.random: features")
         device = None if generator is None else generator.device
         # Permute, not cls: a subclass such as Reverse fixes its own order
         return Permute(torch.randperm(features, generator=generator, device=device))
@@ -116,7 +117,7 @@ class Reverse(Permute):
     """
 
     def __init__(self, features: int) -> None:
-        check_features("Reverse", features)
+        check_int(features, "Reverse: features")
         super().__init__(torch.arange(features - 1, -1, -1))
 
 
@@ -158,7 +159,7 @@ class LULinear(FlowTransform):
     """
 
     def __init__(self, features: int) -> None:
-        check_features("LULinear", features)
+        check_int(features, "LULinear: features")
         super().__init__(features)
         dtype = torch.get_default_dtype()
         q = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64)).Q

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import FlowTransform, ShapeLike, as_shape, check_features
+from ..checks import ShapeLike, as_shape, check_int
+from .base import FlowTransform
 
 __all__ = [
     "ActNorm",
@@ -148,7 +149,7 @@ class BatchNorm(FlowTransform):
     """
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        check_features("BatchNorm", features)
+        check_int(features, "BatchNorm: features")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm expects a momentum in [0, 1], got {momentum!r}")
         if eps <= 0:

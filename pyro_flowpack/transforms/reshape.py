@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Size, Tensor
 
-from .base import FlowTransform, ShapeLike, as_shape
+from ..checks import ShapeLike, as_shape
+from .base import FlowTransform
 
 __all__ = [
     "Squeeze",

@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
-from .base import FlowTransform, ShapeLike
+from ..checks import ShapeLike
+from .base import FlowTransform
 
 if TYPE_CHECKING:
     from zuko.lazy import LazyTransform
