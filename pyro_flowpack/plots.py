@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributions import Distribution
 
+from .checks import check_int
 from .train import write_atomically
 
 if TYPE_CHECKING:
@@ -246,8 +247,7 @@ def density_grid(
         1.0
     """
     (x0, x1), (y0, y1) = _check_bounds(bounds)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"density_grid: grid must be an int >= 2, got {grid!r}")
+    grid = check_int(grid, "density_grid: grid", minimum=2)
     centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
     xs, ys = x0 + (x1 - x0) * centres, y0 + (y1 - y0) * centres
     points = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
@@ -387,8 +387,7 @@ def _image_array(images: Any, num_bins: int | None) -> np.ndarray:
             raise ValueError(f"image_grid: integer images of dtype {images.dtype} need num_bins")
         num_bins = 256
     if num_bins is not None:
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"image_grid: num_bins must be an int >= 2, got {num_bins!r}")
+        num_bins = check_int(num_bins, "image_grid: num_bins", minimum=2)
         low, high = float(images.min()), float(images.max())
         if low < 0 or high > num_bins - 1:
             raise ValueError(f"image_grid: pixel values must lie in [0, {num_bins}), got [{low:g}, {high:g}]")
@@ -432,8 +431,7 @@ def image_grid(
     n, height, width, channels = array.shape
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"image_grid: nrow must be a positive int, got {nrow!r}")
+    nrow = check_int(nrow, "image_grid: nrow")
     columns = min(nrow, n)
     rows = math.ceil(n / columns)
     pad = 1
@@ -502,8 +500,7 @@ def scatter(
     sets = [("samples", samples_np, "tab:blue")]
     if data is not None:
         sets.insert(0, ("data", _finite_rows(_points("scatter", "data", data, features=features)), "tab:orange"))
-    if isinstance(max_dims, bool) or not isinstance(max_dims, int) or max_dims < 1:
-        raise ValueError(f"scatter: max_dims must be a positive int, got {max_dims!r}")
+    max_dims = check_int(max_dims, "scatter: max_dims")
     k = min(features, max_dims)
     if k == 0:
         raise ValueError(f"scatter: samples must have at least one feature, got shape {tuple(samples_np.shape)}")

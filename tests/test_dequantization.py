@@ -137,9 +137,9 @@ def test_bad_discrete_input_is_a_clear_error(value, message):
 
 
 def test_invalid_options():
-    with pytest.raises(ValueError, match="num_bins to be an int >= 2, got 1"):
+    with pytest.raises(ValueError, match="num_bins must be an int >= 2, got 1"):
         UniformDequantization(3, 1)
-    with pytest.raises(ValueError, match="steps >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         VariationalDequantization(3, 4, steps=0)
     with pytest.raises(ValueError, match="'uniform', 'variational' or None, got 'gaussian'"):
         pf.flows.Glow((1, 4, 4), levels=1, dequantization="gaussian")

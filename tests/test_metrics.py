@@ -142,5 +142,5 @@ def test_iw_of_a_deterministic_flow_is_its_log_prob_within_1e10():
 
 @pytest.mark.parametrize("k, chunk", [(0, None), (-2, None), (1.5, None), (True, None), (4, 0), (4, 2.0)])
 def test_iw_rejects_non_positive_k_or_chunk(k, chunk):
-    with pytest.raises(ValueError, match=r"iw_log_prob expects (k|chunk) .* to be an int >= 1"):
+    with pytest.raises(ValueError, match=r"iw_log_prob: (k|chunk).* must be an int >= 1"):
         iw_log_prob(UniformlyDequantizedLinearDensity(3), _data(2), k, chunk)

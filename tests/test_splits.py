@@ -56,7 +56,7 @@ def test_missing_tabular_path_is_a_file_error(tmp_path):
         ({"valid_fraction": 1.0}, r"valid_fraction must lie in \[0, 1\)"),
         ({"test_fraction": -0.1}, r"test_fraction must lie in \[0, 1\)"),
         ({"valid_fraction": 0.5, "test_fraction": 0.5}, r"must be below 1"),
-        ({"size": 0}, r"size must be a positive int"),
+        ({"size": 0}, r"size \(or None\) must be an int >= 1"),
         ({"seed": 1.5}, r"seed must be an int"),
         ({"key": "x"}, r"key='x' applies only to .npz and .pt files"),
     ],

@@ -223,13 +223,13 @@ def test_threads_setting_is_respected():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"epochs": 0}, "epochs must be a positive integer"),
-        ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be an int >= 1"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"clip": 0}, "clip must be a positive number"),
         ({"schedule": "step"}, "schedule must be 'constant' or 'cosine'"),
         ({"unit": "bits"}, "unit must be 'nats' or 'bits/dim'"),
-        ({"warmup": -1}, "warmup must be a non-negative integer"),
+        ({"warmup": -1}, "warmup must be an int >= 0"),
     ],
 )
 def test_bad_config(changes, message):

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from ..checks import check_int
+
 __all__ = [
     "IMAGE_DATASETS",
     "ImageDataset",
@@ -68,8 +70,7 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"{name}: labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}"
             )
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"{name}: num_bins must be an int >= 2, got {num_bins!r}")
+        num_bins = check_int(num_bins, f"{name}: num_bins", minimum=2)
         if len(images) > 0 and (int(images.min()) < 0 or int(images.max()) >= num_bins):
             raise ValueError(
                 f"{name}: pixel values must lie in [0, {num_bins}), "
@@ -122,8 +123,7 @@ class ImageDataset(Dataset):
             A data loader whose items are ``(images, labels)`` of shapes
             ``(B, C, H, W)`` and ``(B,)``.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int(batch_size, f"{self.name}: batch_size")
         if shuffle:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
             sampler = RandomSampler(self, generator=generator)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..checks import check_int
 from .images import IMAGE_DATASETS, ImageDataset, image_dataset
 from .tabular import SUPPORTED_SUFFIXES, Standardizer, check_columns, column_names, load_tabular
 from .toy import TOY_DATASETS, toy_dataset
@@ -192,10 +193,9 @@ def load_data(
         >>> images.train.shape, images.num_bins
         (torch.Size([1294, 1, 8, 8]), 17)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"load_data: seed must be an int, got {seed!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"load_data: size must be a positive int or None, got {size!r}")
+    seed = check_int(seed, "load_data: seed", minimum=None)
+    if size is not None:
+        size = check_int(size, "load_data: size (or None)")
     for name, fraction in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0 <= fraction < 1:
             raise ValueError(f"load_data: {name} must lie in [0, 1), got {fraction!r}")

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_int
+
 __all__ = [
     "TOY_DATASETS",
     "toy_dataset",
@@ -34,8 +36,7 @@ __all__ = [
 
 def _generator(name: str, n: int, seed: int | None, noise: float) -> torch.Generator:
     """Checks the common arguments and returns the local generator for ``seed``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name}: n must be a positive int (number of points), got {n!r}")
+    check_int(n, f"{name}: n (the number of points)")
     if not noise >= 0:
         raise ValueError(f"{name}: noise must be a non-negative float, got {noise!r}")
     generator = torch.Generator()

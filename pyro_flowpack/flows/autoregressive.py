@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_int
 from ..flow import Flow
 from ..transforms.autoregressive import MaskedAffineAutoregressive
 from ..transforms.base import Inverse
@@ -15,8 +16,7 @@ __all__ = ["MAF", "IAF", "alternating_orders"]
 
 def alternating_orders(features: int, transforms: int) -> list[torch.Tensor]:
     """Autoregressive orders for ``transforms`` layers: ascending, descending, ascending..."""
-    if not isinstance(transforms, int) or transforms < 1:
-        raise ValueError(f"transforms must be a positive int (number of layers), got {transforms!r}")
+    transforms = check_int(transforms, "transforms (the number of layers)")
     ascending = torch.arange(features)
     return [ascending if i % 2 == 0 else ascending.flip(0) for i in range(transforms)]
 

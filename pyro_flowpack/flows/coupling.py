@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..checks import check_int
 from ..flow import Flow
 from ..transforms.coupling import AdditiveCoupling, AffineCoupling, MaskLike, coupling_mask
 from ..transforms.normalization import ActNorm
@@ -13,8 +14,7 @@ __all__ = ["NICE", "RealNVP", "alternating_masks"]
 
 def alternating_masks(features, transforms: int, mask: MaskLike = "half") -> list:
     """The pass-through masks of ``transforms`` coupling layers, flipped every other layer."""
-    if not isinstance(transforms, int) or transforms < 1:
-        raise ValueError(f"transforms must be a positive int (number of layers), got {transforms!r}")
+    transforms = check_int(transforms, "transforms (the number of layers)")
     return [coupling_mask(features, mask, flip=i % 2 == 1) for i in range(transforms)]
 
 

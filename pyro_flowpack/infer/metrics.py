@@ -20,16 +20,12 @@ import torch
 from torch import Size, Tensor
 from torch.distributions import Distribution
 
+from ..checks import check_int
+
 __all__ = [
     "bits_per_dim",
     "iw_log_prob",
 ]
-
-
-def _check_count(name: str, what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} expects {what} to be an int >= 1, got {value!r}")
-    return value
 
 
 def bits_per_dim(log_prob: Tensor, event_shape: int | Sequence[int] | Size) -> Tensor:
@@ -115,8 +111,8 @@ def iw_log_prob(dist: Distribution, x: Tensor, k: int, chunk: int | None = None)
         >>> torch.allclose(iw_log_prob(d, x, k=16, chunk=5), d.log_prob(x))
         True
     """
-    k = _check_count("iw_log_prob", "k (the number of samples)", k)
-    chunk = k if chunk is None else _check_count("iw_log_prob", "chunk (samples per call)", chunk)
+    k = check_int(k, "iw_log_prob: k (the number of samples)")
+    chunk = k if chunk is None else check_int(chunk, "iw_log_prob: chunk (samples per call)")
     if not isinstance(x, Tensor):
         raise TypeError(f"iw_log_prob expects x to be a torch.Tensor, got {type(x).__name__}")
     log_w = torch.cat([dist.log_prob(x.expand(min(chunk, k - i), *x.shape)) for i in range(0, k, chunk)])

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_int, check_sizes
 from .mlp import Constant, cat_context
 
 __all__ = ["MaskedLinear", "MADE"]
@@ -85,11 +86,8 @@ class MADE(nn.Module):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        hidden = tuple(hidden)
-        if not isinstance(features, int) or features < 1:
-            raise ValueError(f"MADE: features must be a positive int, got {features!r}")
-        if not hidden or any(not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"MADE: hidden must be a non-empty tuple of positive ints, got {hidden!r}")
+        features = check_int(features, "MADE: features")
+        hidden = check_sizes(hidden, "MADE: hidden", allow_empty=False)
         if order is None:
             order = torch.arange(features)
         order = torch.as_tensor(order, dtype=torch.long)

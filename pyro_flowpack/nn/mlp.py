@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..checks import check_sizes
+
 __all__ = ["MLP", "Constant", "cat_context"]
 
 
@@ -47,9 +49,7 @@ class MLP(nn.Sequential):
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_last: bool = True,
     ) -> None:
-        hidden = tuple(hidden)
-        if any(not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"MLP: hidden sizes must be positive ints, got {hidden!r}")
+        hidden = check_sizes(hidden, "MLP: hidden")
         layers: list[nn.Module] = []
         sizes = (in_features, *hidden, out_features)
         for i, (a, b) in enumerate(zip(sizes, sizes[1:])):

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..checks import check_int
 from ..flow import Flow
 from ..transforms.normalization import ActNorm
 from .checkpoint import rng_state, set_rng_state
@@ -113,10 +114,8 @@ class TrainConfig:
         optional = {"patience": self.patience, "max_steps": self.max_steps, "threads": self.threads,
                     "checkpoint_every": self.checkpoint_every}
         for name, value in list(positive.items()) + [(k, v) for k, v in optional.items() if v is not None]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig: {name} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"TrainConfig: warmup must be a non-negative integer, got {self.warmup!r}")
+            check_int(value, f"TrainConfig: {name}")
+        check_int(self.warmup, "TrainConfig: warmup", minimum=0)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from ..checks import ShapeLike, as_shape
+from ..checks import ShapeLike, as_shape, check_int
 from .base import FlowTransform
 from .compose import Compose
 from .coupling import AffineCoupling, coupling_mask
@@ -56,8 +56,7 @@ class Dequantization(FlowTransform):
     discrete_output = True
 
     def __init__(self, shape: ShapeLike, num_bins: int) -> None:
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"{type(self).__name__} expects num_bins to be an int >= 2, got {num_bins!r}")
+        num_bins = check_int(num_bins, f"{type(self).__name__}: num_bins", minimum=2)
         super().__init__(as_shape(shape))
         self.num_bins = num_bins
         self._log_bins = self.event_shape.numel() * math.log(num_bins)
@@ -163,8 +162,7 @@ class VariationalDequantization(Dequantization):
     def __init__(self, shape: ShapeLike, num_bins: int, steps: int = 4,
                  hidden: Sequence[int] | int = 32, blocks: int = 1) -> None:
         super().__init__(shape, num_bins)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"VariationalDequantization expects steps >= 1, got {steps!r}")
+        steps = check_int(steps, "VariationalDequantization: steps")
         image = len(self.event_shape) == 3
         mask = "checkerboard" if image else "alternating"
         hidden = hidden if image or not isinstance(hidden, int) else (hidden, hidden)
