@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = load_data(args.dataset, seed=args.seed, size=args.size)
     torch.manual_seed(args.seed)
-    flow = build_flow(args.flow, (2,), transforms=args.transforms, hidden=(128, 128), bins=args.bins)
+    wanted = {"transforms": args.transforms, "hidden": (128, 128), "bins": args.bins}
+    accepted = pf.flows.flow_entry(args.flow).options()  # "maf" has no bins, "cnf" no transforms
+    flow = build_flow(args.flow, (2,), **{k: v for k, v in wanted.items() if k in accepted})
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed)
     print(f"{args.flow} on {data.name}: {sum(p.numel() for p in flow.parameters())} parameters, "
           f"{len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test points", flush=True)

@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = load_data(args.dataset, root=args.root, download=args.download, seed=args.seed)
     torch.manual_seed(args.seed)
-    flow = build_flow(args.flow, data.event_shape, num_bins=data.num_bins, levels=args.levels, depth=args.depth,
-                      hidden_channels=args.hidden_channels, coupling=args.coupling,
-                      dequantization=args.dequantization)
+    options = {"levels": args.levels, "steps": args.depth, "hidden_channels": args.hidden_channels,
+               "dequantization": args.dequantization}
+    if args.flow == "glow":  # the multi-scale RealNVP's couplings are affine
+        options["coupling"] = args.coupling
+    flow = build_flow(args.flow, data.event_shape, num_bins=data.num_bins, **options)
     params = sum(p.numel() for p in flow.parameters())
     print(f"{args.flow} ({args.dequantization} dequantization) on {data.name}: {params} parameters, "
           f"{len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test images of shape "

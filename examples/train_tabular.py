@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(str(source), seed=args.seed)
     features = data.event_shape[0]
     torch.manual_seed(args.seed)
-    flow = build_flow(args.flow, (features,), transforms=args.transforms, hidden=(128, 128))
+    wanted = {"transforms": args.transforms, "hidden": (128, 128)}
+    accepted = pf.flows.flow_entry(args.flow).options()  # "cnf" has no transforms
+    flow = build_flow(args.flow, (features,), **{k: v for k, v in wanted.items() if k in accepted})
     print(f"{args.flow} on {source}: {features} columns, {len(data.train)} train / {len(data.valid)} valid / "
           f"{len(data.test)} test rows", flush=True)
 

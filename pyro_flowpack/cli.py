@@ -43,6 +43,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "hidden_channels": 64,
     "coupling": "spline",
     "dequantization": "variational",
+    "option": None,
     "root": None,
     "download": False,
     "size": None,
@@ -90,6 +91,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+def _flow_option(text: str) -> tuple[str, Any]:
+    """Parses ``KEY=VALUE`` with a JSON value (a bare word is a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+class _MergeOptions(argparse.Action):
+    """Collects repeated ``--option KEY=VALUE`` into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        key, value = values
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key: value})
+
+
 def _number(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
     """An argparse type: ``convert(text)``, refused unless ``accept`` holds."""
 
@@ -129,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flowpack`` command."""
     from . import __version__
     from .data import DATA_NAMES
-    from .train.run import IMAGE_FLOWS, VECTOR_FLOWS
+    from .flows.registry import flow_names
 
     parser = _Parser(
         prog=PROG,
@@ -159,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", metavar="NAME|PATH",
                       help=f"a data set ({', '.join(DATA_NAMES)}) or a .npy/.npz/.csv/.pt file of "
                            "shape (N, D) [required unless --resume]")
-    what.add_argument("--flow", help=f"vectors: {', '.join(VECTOR_FLOWS)} [nsf]; images: "
-                                     f"{', '.join(IMAGE_FLOWS)} [glow]")
+    what.add_argument("--flow", help=f"vectors: {', '.join(flow_names('vector'))} [nsf]; images: "
+                                     f"{', '.join(flow_names('image'))} [glow]")
     what.add_argument("--out", type=Path, metavar="RUN_DIR", required=True, help="the run folder to write")
     what.add_argument("--columns", nargs="+", metavar="COLUMN",
                       help="tabular files: the columns to model, by header name or 0-based index [all others]")
@@ -180,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--hidden", type=_positive_int, nargs="+", metavar="H",
                         help="hidden sizes of each layer's network [128 128]")
     vector.add_argument("--bins", type=_positive_int, help="spline bins (nsf, nsf-ar, glow with splines) [8]")
+    vector.add_argument("--option", type=_flow_option, action=_MergeOptions, metavar="KEY=VALUE",
+                        help="any other option of the flow's builder, VALUE in JSON (--option degree=12 for "
+                             "bernstein); repeatable")
     image = train.add_argument_group("image flows")
     image.add_argument("--levels", type=_positive_int, help="multi-scale levels [2]")
     image.add_argument("--depth", type=_positive_int, help="coupling steps per level [4]")
@@ -324,12 +347,31 @@ def _check_data_unchanged(metadata: dict[str, Any]) -> None:
                            "would be split and scored anew: restore the file or train a new run")
 
 
-def _flow_options(settings: dict[str, Any], kind: str) -> dict[str, Any]:
-    if kind == "image":
-        keys = ("levels", "depth", "hidden_channels", "coupling", "dequantization", "bins")
-    else:
-        keys = ("transforms", "hidden", "bins")
-    return {k: settings[k] for k in keys}
+# the command-line options that reach a flow's builder, by kind of data
+_FLOW_ARGUMENTS = {"vector": ("transforms", "hidden", "bins"),
+                   "image": ("levels", "depth", "hidden_channels", "coupling", "dequantization", "bins")}
+
+
+def _flow_options(settings: dict[str, Any], kind: str, given: Sequence[str]) -> dict[str, Any]:
+    """The options of the run's flow: the command line's flow options that its builder
+    takes (one given explicitly that it does not take is an error), then ``--option``s."""
+    from .flows.registry import flow_entry
+    from .train.run import _COMMAND_NAMES
+
+    try:
+        entry = flow_entry(settings["flow"], kind)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    accepted = entry.options()
+    options = {}
+    for key in _FLOW_ARGUMENTS[kind]:
+        if (_COMMAND_NAMES.get(key, key) if kind == "image" else key) in accepted:
+            options[key] = settings[key]
+        elif key in given:
+            raise CommandError(f"--{key.replace('_', '-')} does not apply to flow {entry.name!r}; its options are "
+                               f"{', '.join(sorted(accepted))} (others through --option KEY=VALUE)")
+    options.update(settings.get("option") or {})
+    return options
 
 
 def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +431,7 @@ def _train(args: argparse.Namespace) -> int:
     if len(data.test) == 0:
         raise CommandError(f"the test split of {data.name} is empty (--test-fraction 0?): the final evaluation "
                            "needs test examples")
-    flow_options = _flow_options(settings, data.kind)
+    flow_options = _flow_options(settings, "image" if image else "vector", given)
     torch.manual_seed(settings["seed"])
     try:
         flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins,

@@ -2,7 +2,7 @@ r"""Inference and evaluation with flows: bits per dimension and importance-weigh
 log-likelihoods."""
 
 from .amortized import AmortizedFlow
-from .guides import GUIDE_FLOWS, AutoFlowGuide, StickingTheLanding, guide_flow
+from .guides import AutoFlowGuide, StickingTheLanding, guide_flow
 from .metrics import bits_per_dim, iw_log_prob
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "AutoFlowGuide",
     "StickingTheLanding",
     "guide_flow",
-    "GUIDE_FLOWS",
     "bits_per_dim",
     "iw_log_prob",
 ]

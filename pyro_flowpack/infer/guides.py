@@ -45,107 +45,17 @@ from torch.distributions import Transform
 from torch.func import functional_call
 
 from ..flow import Flow, FlowDistribution
-from ..flows.autoregressive import alternating_orders
-from ..flows.coupling import alternating_masks
-from ..transforms.autoregressive import MaskedAutoregressive, MaskedSplineAutoregressive
-from ..transforms.base import FlowTransform, Inverse
-from ..transforms.monotone import Affine
-from ..transforms.coupling import AffineCoupling
+from ..flows.registry import flow_entry, flow_names
+from ..transforms.base import FlowTransform
 from ..transforms.normalization import ActNorm
 
-__all__ = ["AutoFlowGuide", "StickingTheLanding", "guide_flow", "GUIDE_FLOWS"]
+__all__ = ["AutoFlowGuide", "StickingTheLanding", "guide_flow"]
 
 
 def _default_hidden(features: int) -> tuple[int, int]:
     width = max(64, 4 * features)
     return (width, width)
 
-
-#: Soft bounds on the log-scale of the guide's affine layers in the sampling direction,
-#: those of Pyro's ``AffineAutoregressive``: a layer may shrink a scale down to
-#: :math:`e^{-5}` (the neck of a funnel) but grow it at most :math:`e^{3}`-fold, so that no
-#: early sample lands where the model's density overflows.
-LOG_SCALE_BOUNDS = (-5.0, 3.0)
-
-
-class _BoundedAffine(Affine):
-    r"""The affine map :math:`x e^{s} + t` with the log-scale soft-clamped into
-    :math:`(a, b)`, :math:`a < 0 < b`: :math:`s = c + h \tanh((r + r_0) / h)`,
-    :math:`c = (a + b) / 2`, :math:`h = (b - a) / 2`, :math:`r_0 = h \,\mathrm{artanh}(-c / h)`,
-    so that a raw output :math:`r = 0` is the identity, as for :class:`Affine`."""
-
-    def __init__(self, low: float, high: float) -> None:
-        if not low < 0 < high:
-            raise ValueError(f"log-scale bounds must be (low, high) with low < 0 < high, got {(low, high)!r}")
-        super().__init__(max(-low, high))
-        self.low, self.high = float(low), float(high)
-        self.center, self.half = (high + low) / 2, (high - low) / 2
-        self.offset = self.half * math.atanh(-self.center / self.half)
-
-    def _shift_log_scale(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        shift, raw = theta.unbind(-1)
-        return shift, self.center + self.half * torch.tanh((raw + self.offset) / self.half)
-
-    def __repr__(self) -> str:
-        return f"Affine(low={self.low}, high={self.high})"
-
-
-def _affine_iaf(features: int, hidden: tuple[int, ...], order: Tensor,
-                log_scale_bounds: tuple[float, float]) -> FlowTransform:
-    """An affine layer in IAF form whose sampling-direction log-scale lies in ``log_scale_bounds``
-    (the MAF layer it inverts has the negated bounds)."""
-    if len(tuple(log_scale_bounds)) != 2:
-        raise ValueError(f"AutoFlowGuide: log_scale_bounds must be a pair (low, high), got {log_scale_bounds!r}")
-    low, high = (float(b) for b in log_scale_bounds)
-    if not low < 0 < high:
-        raise ValueError(f"AutoFlowGuide: log_scale_bounds must be (low, high) with low < 0 < high, "
-                         f"got {(low, high)!r}")
-    return Inverse(MaskedAutoregressive(features, _BoundedAffine(-high, -low), 0, hidden, order))
-
-
-def _nsf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None, bins: int = 8,
-         bound: float = 5.0, affine: bool = True, splines: int = 1,
-         log_scale_bounds: tuple[float, float] = LOG_SCALE_BOUNDS) -> list[FlowTransform]:
-    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
-    if isinstance(splines, bool) or not isinstance(splines, int) or not 0 <= splines <= transforms:
-        raise ValueError(f"AutoFlowGuide: flow='nsf' needs splines, the number of blocks ending with a spline "
-                         f"layer, to be an int in [0, transforms={transforms}], got {splines!r}")
-    if not affine and splines == 0:
-        raise ValueError("AutoFlowGuide: flow='nsf' with affine=False needs splines >= 1")
-    layers: list[FlowTransform] = []
-    for i, order in enumerate(alternating_orders(features, transforms)):
-        if affine:
-            layers.append(_affine_iaf(features, hidden, order, log_scale_bounds))
-        if i >= transforms - splines:
-            layers.append(Inverse(MaskedSplineAutoregressive(features, 0, hidden, order, bins, bound)))
-    return layers
-
-
-def _iaf(features: int, transforms: int = 4, hidden: Sequence[int] | None = None,
-         bound: float | None = None, log_scale_bounds: tuple[float, float] = LOG_SCALE_BOUNDS
-         ) -> list[FlowTransform]:
-    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
-    if bound is not None:
-        log_scale_bounds = (-bound, bound)
-    return [_affine_iaf(features, hidden, order, log_scale_bounds)
-            for order in alternating_orders(features, transforms)]
-
-
-def _realnvp(features: int, transforms: int = 6, hidden: Sequence[int] | None = None,
-             bound: float = 3.0) -> list[FlowTransform]:
-    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
-    return [AffineCoupling(features, mask, 0, hidden, bound) for mask in alternating_masks(features, transforms)]
-
-
-#: The flows :class:`AutoFlowGuide` knows by name, each a function of the number of
-#: latent dimensions and options returning layers in IAF (one-pass sampling) form.
-GUIDE_FLOWS: dict[str, Callable[..., list[FlowTransform]]] = {
-    "nsf": _nsf,
-    "iaf": _iaf,
-    "maf": _iaf,
-    "affine": _iaf,
-    "realnvp": _realnvp,
-}
 
 FlowSpec = str | type | Callable[..., Any]
 
@@ -162,17 +72,18 @@ def _check_options(name: str, function: Callable, options: dict[str, Any]) -> No
 
 def _check_spec(flow: FlowSpec, options: dict[str, Any]) -> None:
     if isinstance(flow, str):
-        if flow not in GUIDE_FLOWS:
-            raise ValueError(f"AutoFlowGuide: unknown flow {flow!r}; expected one of {sorted(GUIDE_FLOWS)}, "
-                             "a builder such as pf.flows.NSF, or a callable(features) returning a Flow")
-        _check_options(repr(flow), GUIDE_FLOWS[flow], options)
+        entry = flow_entry(flow, "vector")
+        try:
+            entry.check_options(options)
+        except TypeError as error:
+            raise TypeError(f"AutoFlowGuide: {error}") from None
     elif isinstance(flow, type):
         if not issubclass(flow, Flow):
             raise TypeError(f"AutoFlowGuide: a flow class must be a pyro_flowpack Flow builder "
                             f"(such as pf.flows.NSF), got {flow.__name__}")
         _check_options(flow.__name__, flow.__init__, options)
     elif not callable(flow):
-        raise TypeError(f"AutoFlowGuide: flow must be a name in {sorted(GUIDE_FLOWS)}, a Flow builder or a "
+        raise TypeError(f"AutoFlowGuide: flow must be a name in {flow_names('vector')}, a Flow builder or a "
                         f"callable(features) returning a Flow, got {type(flow).__name__}")
 
 
@@ -180,31 +91,32 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
     r"""Builds the flow :math:`g` of a guide over ``features`` unconstrained dimensions.
 
     Arguments:
-        flow: A name in :data:`GUIDE_FLOWS`:
+        flow: A name of the flow registry (:data:`pyro_flowpack.flows.FLOWS`, the names
+            ``flowpack train --flow`` takes), built with the registry's guide defaults
+            where they differ from density estimation:
 
-            * ``"iaf"`` (the default of :class:`AutoFlowGuide`; also ``"maf"``,
-              ``"affine"``): ``transforms=4`` affine autoregressive layers in IAF form,
-              the order ascending in the first layer and reversed every layer,
-              ``hidden``, ``log_scale_bounds=(-5, 3)`` the soft bounds of each layer's
-              log-scale in the sampling direction (those of Pyro's
+            * ``"iaf"`` (the default of :class:`AutoFlowGuide`): ``transforms=4`` affine
+              autoregressive layers in IAF form, the order ascending in the first layer
+              and reversed every layer, with ``log_scale_bounds=(-5, 3)``, the soft bounds
+              of each layer's log-scale in the sampling direction (those of Pyro's
               ``AffineAutoregressive``: a funnel's neck needs scales well below
-              :math:`e^{-3}`), or ``bound`` for symmetric bounds :math:`(-b, b)`;
-            * ``"nsf"``: ``transforms=4`` blocks of affine autoregressive layers in IAF
-              form, the order reversed every block (ascending first, so that the first
-              latent dimension conditions the others), the last ``splines=1`` blocks
-              ending with a rational-quadratic spline autoregressive layer (``bins=8``,
-              ``bound=5.0`` the spline's half-width); ``affine=True`` whether each block
-              has its affine layer; ``log_scale_bounds``, ``hidden`` as for ``"iaf"``;
-            * ``"realnvp"``: affine coupling layers (``transforms=6``, ``hidden``,
-              ``bound``); with :math:`D = 1` each is an affine map with learned
-              constants, nothing being left to condition on.
+              :math:`e^{-3}`); ``splines=k`` ends the last ``k`` blocks with a
+              rational-quadratic spline layer (``bins``, ``tail_bound``), ``affine=False``
+              drops the affine layers (see :class:`~pyro_flowpack.flows.IAF`);
+            * ``"nsf"``, ``"realnvp"`` (``transforms=6``), ``"nice"``: coupling flows,
+              one pass in both directions;
+            * ``"bernstein"``, ``"sos"`` and the other families of
+              :func:`~pyro_flowpack.flows.register_family`, in coupling form, or in IAF
+              form for ``"bernstein-ar"``, ``"sos-ar"``, with the closed-form direction of
+              the map on the sampling side;
+            * names of flows that sample in :math:`D` sequential passes per layer
+              (``"maf"``, ``"nsf-ar"``) are refused: a guide draws at every step (pass the
+              builder class, ``flow=pf.flows.MAF``, to insist).
 
             ``hidden`` defaults to two layers of :math:`\max(64, 4D)` units. Or a builder
             class such as :class:`~pyro_flowpack.flows.NSF`, called as
             ``flow(features=D, **options)``, or any callable ``flow(D, **options)``
-            returning a :class:`~pyro_flowpack.flow.Flow` or a single layer. A builder in
-            MAF form (:class:`~pyro_flowpack.flows.MAF`, ``NSF(autoregressive=True)``)
-            works but samples in :math:`D` sequential passes per layer.
+            returning a :class:`~pyro_flowpack.flow.Flow` or a single layer.
         features: The number of dimensions :math:`D`.
         options: Options of the flow.
 
@@ -212,14 +124,23 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
         The flow, with a standard normal base unless the builder chose another.
 
     Example:
-        >>> g = guide_flow("nsf", 3, transforms=2)
+        >>> g = guide_flow("iaf", 3, transforms=2, splines=1)
         >>> x, log_q = g().rsample_and_log_prob((5,))
         >>> x.shape, log_q.shape
         (torch.Size([5, 3]), torch.Size([5]))
     """
     _check_spec(flow, options)
     if isinstance(flow, str):
-        return Flow(GUIDE_FLOWS[flow](features, **options))
+        entry = flow_entry(flow, "vector")
+        defaults = dict(entry.guide)
+        if "hidden" in entry.options():
+            defaults["hidden"] = _default_hidden(features)
+        made = entry.build(features, **{**defaults, **options})
+        if made.transform.sequential == "forward":
+            raise ValueError(f"AutoFlowGuide: flow {flow!r} samples in {features} sequential passes per layer, and a "
+                             "guide draws at every step; use 'iaf' (its one-pass inverse), a coupling flow such as "
+                             f"'nsf', or pass the builder class to insist")
+        return made
     if isinstance(flow, type):
         made = flow(features=features, **options)
     else:

@@ -12,12 +12,12 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..flow import Flow
-from ..flows import CNF, IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP
+from ..flows.registry import FLOWS, FlowEntry, flow_entry
 from ..data.tabular import Standardizer
 from ..transforms.dequantization import ColumnDequantization
 from ..transforms.elementwise import ElementwiseAffine
@@ -26,71 +26,47 @@ from .folder import RunFolder
 __all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "with_column_dequantization", "Run", "load_run",
            "RawUnitsFlow"]
 
-#: Flows for vectors ``(D,)``: name -> builder(features, context, transforms, hidden, bins).
-VECTOR_FLOWS: dict[str, Callable[..., Flow]] = {
-    "nsf": lambda features, context, transforms, hidden, bins: NSF(
-        features, context, transforms=transforms, hidden=hidden, bins=bins),
-    "nsf-ar": lambda features, context, transforms, hidden, bins: NSF(
-        features, context, transforms=transforms, hidden=hidden, bins=bins, autoregressive=True),
-    "maf": lambda features, context, transforms, hidden, bins: MAF(features, context, transforms, hidden),
-    "iaf": lambda features, context, transforms, hidden, bins: IAF(features, context, transforms, hidden),
-    "realnvp": lambda features, context, transforms, hidden, bins: RealNVP(features, context, transforms, hidden),
-    "nice": lambda features, context, transforms, hidden, bins: NICE(features, context, transforms, hidden),
-    # continuous (zuko's ODE solver): ``transforms`` is not used
-    "cnf": lambda features, context, transforms, hidden, bins: CNF(features, context, hidden=hidden),
-}
+#: The flows for vectors ``(D,)`` and for images ``(C, H, W)`` by name: the two kinds of
+#: the one registry :data:`pyro_flowpack.flows.FLOWS`.
+VECTOR_FLOWS: dict[str, FlowEntry] = FLOWS["vector"]
+IMAGE_FLOWS: dict[str, FlowEntry] = FLOWS["image"]
 
-#: Multi-scale flows for images ``(C, H, W)``, each ending in a dequantization layer.
-IMAGE_FLOWS: dict[str, Callable[..., Flow]] = {"glow": Glow, "realnvp": MultiscaleRealNVP}
+# the command line's name of an image builder's option
+_COMMAND_NAMES = {"depth": "steps"}
 
 
-def build_flow(
-    name: str,
-    event_shape: Sequence[int],
-    *,
-    num_bins: int | None = None,
-    context: int = 0,
-    transforms: int = 4,
-    hidden: Sequence[int] = (128, 128),
-    bins: int = 8,
-    levels: int = 2,
-    depth: int = 4,
-    hidden_channels: int = 64,
-    coupling: str = "spline",
-    dequantization: str = "variational",
-) -> Flow:
-    r"""Builds the flow ``name`` for events of ``event_shape``.
+def build_flow(name: str, event_shape: Sequence[int], *, num_bins: int | None = None, context: int = 0,
+               **options: Any) -> Flow:
+    r"""Builds the flow ``name`` of the registry (:data:`~pyro_flowpack.flows.FLOWS`) for
+    events of ``event_shape``: a vector flow for ``(D,)``, an image flow for
+    ``(C, H, W)`` with ``num_bins`` levels per pixel.
 
-    Vector flows (:data:`VECTOR_FLOWS`) use ``context`` (the number of context
-    features of a conditional flow), ``transforms``, ``hidden`` and (splines) ``bins``; image flows (:data:`IMAGE_FLOWS`, for ``(C, H, W)`` events with
-    ``num_bins`` levels) use ``levels``, ``depth`` (steps per level),
-    ``hidden_channels``, ``dequantization``, ``coupling`` (Glow) and ``bins``.
+    ``options`` are those of the flow's builder (``flow_entry(name).options()``), for
+    instance ``transforms``, ``hidden`` and ``bins`` for ``"nsf"``; an option the flow
+    does not take is an error. ``depth`` is the command line's name of an image flow's
+    ``steps``.
 
     Example:
         >>> build_flow("nsf", (2,), transforms=2, hidden=(16,)).event_shape
         torch.Size([2])
         >>> build_flow("glow", (1, 8, 8), num_bins=17, depth=1, hidden_channels=8).event_shape
         torch.Size([1, 8, 8])
+        >>> build_flow("maf", (2,), bins=8)
+        Traceback (most recent call last):
+        ...
+        TypeError: flow 'maf' takes no option(s) bins; its options are bound, hidden, transforms
     """
     shape = tuple(int(s) for s in event_shape)
     if len(shape) == 1:
-        if name not in VECTOR_FLOWS:
-            kind = "an image flow, for (C, H, W) data" if name in IMAGE_FLOWS else "unknown"
-            raise ValueError(f"flow {name!r} is {kind}; for vectors of {shape[0]} features choose one of "
-                             f"{', '.join(VECTOR_FLOWS)}")
-        return VECTOR_FLOWS[name](shape[0], context, transforms, tuple(hidden), bins)
+        if "hidden" in options:
+            options["hidden"] = tuple(options["hidden"])
+        return flow_entry(name, "vector").build(shape[0], context, **options)
     if len(shape) == 3:
-        if name not in IMAGE_FLOWS:
-            kind = "a vector flow, for (D,) data" if name in VECTOR_FLOWS else "unknown"
-            raise ValueError(f"flow {name!r} is {kind}; for images of shape {shape} choose one of "
-                             f"{', '.join(IMAGE_FLOWS)}")
-        if context:
-            raise ValueError(f"image flows are unconditional, got context={context}")
+        entry = flow_entry(name, "image")
         if num_bins is None:
             raise ValueError("image flows need num_bins, the number of levels of a pixel")
-        options: dict[str, Any] = {"coupling": coupling, "bins": bins} if name == "glow" else {}
-        return IMAGE_FLOWS[name](shape, levels=levels, steps=depth, hidden_channels=hidden_channels,
-                                 dequantization=dequantization, num_bins=num_bins, **options)
+        options = {_COMMAND_NAMES.get(k, k): v for k, v in options.items()}
+        return entry.build(shape, context, num_bins=num_bins, **options)
     raise ValueError(f"flows are built for vectors (D,) or images (C, H, W), got event shape {shape}")
 
 
@@ -179,8 +155,12 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     metadata = checkpoint.get("metadata") or {}
     if "flow" not in metadata or "event_shape" not in metadata:
         raise ValueError(f"{path} does not say how to rebuild its flow (no 'flow'/'event_shape' metadata)")
-    model = build_flow(metadata["flow"]["name"], metadata["event_shape"], num_bins=metadata.get("num_bins"),
-                       context=len(metadata.get("context_columns") or []), **metadata["flow"].get("options", {}))
+    name, shape = metadata["flow"]["name"], metadata["event_shape"]
+    accepted = flow_entry(name, "vector" if len(shape) == 1 else "image").options()
+    # runs of earlier versions saved every command-line flow option, also those their flow ignored
+    options = {k: v for k, v in metadata["flow"].get("options", {}).items() if _COMMAND_NAMES.get(k, k) in accepted}
+    model = build_flow(name, shape, num_bins=metadata.get("num_bins"),
+                       context=len(metadata.get("context_columns") or []), **options)
     standardizer = metadata.get("standardizer")
     standardizer = Standardizer.from_state_dict(standardizer) if standardizer is not None else None
     dequantized = metadata.get("dequantized")
