@@ -87,7 +87,7 @@ def with_column_dequantization(flow: Flow, columns: Sequence[bool], standardizer
         torch.Size([1])
     """
     layer = ColumnDequantization(torch.as_tensor(columns, dtype=torch.bool), standardizer.mean, standardizer.std)
-    return Flow([flow.transform, layer.to(flow.base().mean.dtype)], flow.base())
+    return Flow([flow.transform, layer.to(flow.base().mean.dtype)], flow.base_argument())
 
 
 @dataclass
