@@ -35,7 +35,9 @@ from pyro_flowpack.transforms import (
     Reverse,
     SplineCoupling,
 )
-from pyro_flowpack.transforms.coupling import coupling_mask
+from pyro_flowpack.transforms.autoregressive import MaskedAutoregressive
+from pyro_flowpack.transforms.coupling import Coupling, coupling_mask
+from pyro_flowpack.transforms.monotone import Bernstein, Inverted, SoftBoundedAffine, SumOfSquares
 
 FEATURES = 5
 CONTEXT = 3
@@ -253,6 +255,43 @@ BUILDERS += [
          tolerance=5e-3),
 ]
 
+# families by composition (pf.flows.register_family): a map without a closed-form inverse
+# runs the generic root finder in one direction (to about 1e-15 in float64)
+def _entry(name: str, features: int = FEATURES, **options) -> Callable[[int], pf.Flow]:
+    return lambda c: pf.flows.flow_entry(name).build(features, c, transforms=2, hidden=HIDDEN, **options)
+
+
+LAYERS += [
+    Case("Coupling-Bernstein", _layer(lambda c: Coupling(FEATURES, Bernstein(degree=6, bound=3.0), "half", c, HIDDEN)),
+         context_free=HALF),
+    Case("Coupling-Inverted-SumOfSquares",
+         _layer(lambda c: Coupling(FEATURES, Inverted(SumOfSquares(polynomials=2, degree=3)), "half", c, HIDDEN)),
+         context_free=HALF),
+    Case("MaskedAutoregressive-Inverted-Bernstein",  # ELU: with ReLU all ~3 degree-0 units of a 16-unit
+         # layer can be inactive at some contexts, and the first feature then ignores the context there
+         _layer(lambda c: MaskedAutoregressive(FEATURES, Inverted(Bernstein(degree=6)), c, HIDDEN,
+                                               activation=torch.nn.ELU))),
+    Case("MaskedAutoregressive-SoftBoundedAffine",
+         _layer(lambda c: MaskedAutoregressive(FEATURES, SoftBoundedAffine(-3.0, 5.0), c, HIDDEN))),
+    _one("Coupling-Bernstein-1", lambda c: Coupling(1, Bernstein(degree=6, bound=3.0), "half", c, HIDDEN)),
+    _one("MaskedAutoregressive-SumOfSquares-1", lambda c: MaskedAutoregressive(1, SumOfSquares(), c, HIDDEN)),
+]
+
+BUILDERS += [
+    Case("bernstein", _entry("bernstein", degree=6), layer=False),
+    Case("bernstein-ar", _entry("bernstein-ar", degree=6), layer=False),
+    Case("sos", _entry("sos", polynomials=2, degree=3), layer=False),
+    Case("sos-ar", _entry("sos-ar", polynomials=2, degree=3), layer=False),
+    Case("bernstein-guide-form", _entry("bernstein", degree=6, closed_form="sampling"), layer=False),
+    Case("sos-ar-iaf", _entry("sos-ar", form="iaf", closed_form="sampling"), layer=False),
+    Case("IAF-bounds-splines", lambda c: pf.flows.IAF(FEATURES, c, transforms=2, hidden=HIDDEN, splines=1, bins=4,
+                                                       log_scale_bounds=(-5.0, 3.0)), layer=False),
+    Case("bernstein-1", _entry("bernstein", 1, degree=6), layer=False, shape=ONE),
+    Case("sos-ar-1", _entry("sos-ar", 1), layer=False, shape=ONE),
+    Case("IAF-bounds-splines-1", lambda c: pf.flows.IAF(1, c, transforms=2, hidden=HIDDEN, splines=2, bins=4,
+                                                         log_scale_bounds=(-5.0, 3.0)), layer=False, shape=ONE),
+]
+
 CASES = LAYERS + BUILDERS
 
 
@@ -277,3 +316,62 @@ def layer_of(flow: pf.Flow):
     """The layer under test: the single part of a one-layer flow, else the composition."""
     parts = flow.transform.parts
     return parts[0] if len(parts) == 1 else flow.transform
+
+
+# Supports and angles (issue 12) ------------------------------------------------------------
+# Support layers: unconditional, data drawn strictly inside the support. Their float32
+# round trip is checked for |x| <= 5, where y keeps ~1e-5 of x in float32 next to a bound
+# (at |x| = 10 the sigmoid is within 5e-5 of a bound and y resolves x to only ~1e-3).
+BOUNDED_LOW, BOUNDED_HIGH = torch.tensor([-1.0, 0.0, 2.0, -5.0, 0.0]), torch.tensor([1.0, 1.0, 3.0, 5.0, 1e-2])
+INF = float("inf")
+MIXED_SUPPORT = ["real", "positive", (0.0, 1.0), (-1.0, INF), (-INF, 2.0)]
+
+
+def _inside_bounded(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    low, high = BOUNDED_LOW.to(dtype), BOUNDED_HIGH.to(dtype)
+    return low + (high - low) * (0.02 + 0.96 * torch.rand(shape, dtype=dtype))
+
+
+def _inside_positive(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype).exp()
+
+
+def _inside_mixed(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    z = torch.randn(shape, dtype=dtype)
+    return torch.stack([z[..., 0], z[..., 1].exp(), torch.sigmoid(z[..., 2]), -1 + z[..., 3].exp(),
+                        2 - z[..., 4].exp()], dim=-1)
+
+
+def _angles(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return (2 * torch.rand(shape, dtype=dtype) - 1) * torch.pi
+
+
+class AngleCase(Case):
+    """A case on the torus: base-side values are angles in [-pi, pi) too (a standard
+    normal draw would leave the circle's chart, and angles are read modulo 2 pi)."""
+
+    def base_sample(self, batch=(), dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return _angles(torch.Size(batch) + self.base_shape, dtype)
+
+
+# angles: the float32 round trip on [-3.1, 3.1], off the seam (where pi - 1e-7 and -pi are
+# the same point of the circle)
+_ANGLES = dict(data=_angles, base_bound=3.1)
+
+CASES += [
+    Case("Bounded", _layer(lambda c: pf.transforms.Bounded(FEATURES, BOUNDED_LOW, BOUNDED_HIGH)), conditional=False,
+         data=_inside_bounded, base_bound=5.0),
+    Case("Positive", _layer(lambda c: pf.transforms.Positive(FEATURES)), conditional=False, data=_inside_positive),
+    Case("Support", _layer(lambda c: pf.transforms.Support(MIXED_SUPPORT)), conditional=False, data=_inside_mixed,
+         base_bound=5.0),
+    AngleCase("CircularSplineCoupling",
+              _layer(lambda c: pf.transforms.CircularSplineCoupling(FEATURES, context=c, hidden=HIDDEN, bins=4)),
+              context_free=HALF, **_ANGLES),
+    AngleCase("CircularSplineCoupling-1",
+              _layer(lambda c: pf.transforms.CircularSplineCoupling(1, context=c, hidden=HIDDEN, bins=4)),
+              shape=ONE, **_ANGLES),
+    AngleCase("CircularNSF", lambda c: pf.flows.CircularNSF(FEATURES, c, transforms=2, hidden=HIDDEN, bins=4),
+              layer=False, **_ANGLES),
+    AngleCase("CircularNSF-1", lambda c: pf.flows.CircularNSF(1, c, transforms=2, hidden=HIDDEN, bins=4),
+              layer=False, shape=ONE, **_ANGLES),
+]

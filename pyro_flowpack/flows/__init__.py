@@ -2,6 +2,7 @@ r"""Builders: each returns a :class:`~pyro_flowpack.flow.Flow`; and the one regi
 flows by name (:data:`FLOWS`) that the command line, the trainer and the guides read."""
 
 from .autoregressive import IAF, MAF, AutoregressiveFlow
+from .circular import CircularNSF
 from .coupling import NICE, CouplingFlow, RealNVP
 from .image import Glow, MultiscaleRealNVP
 from .registry import FLOWS, FlowEntry, flow_entry, flow_names, register_family, register_flow
@@ -16,6 +17,7 @@ __all__ = [
     "NSF",
     "CouplingFlow",
     "AutoregressiveFlow",
+    "CircularNSF",
     "Glow",
     "MultiscaleRealNVP",
     "CNF",

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 from ..flow import Flow
 from ..transforms.monotone import Bernstein, SumOfSquares
 from .autoregressive import IAF, MAF, AutoregressiveFlow
+from .circular import CircularNSF
 from .coupling import NICE, CouplingFlow, RealNVP
 from .image import Glow, MultiscaleRealNVP
 from .spline import NSF
@@ -172,6 +173,7 @@ register_flow("iaf", IAF, summary="affine autoregressive layers, one-pass sampli
 register_flow("realnvp", RealNVP, summary="affine couplings", guide={"transforms": 6})
 register_flow("nice", NICE, summary="additive couplings and a diagonal scaling")
 register_flow("cnf", CNF, summary="a continuous flow (zuko's ODE solver)")
+register_flow("circular-nsf", CircularNSF, summary="circular spline couplings: angles in [-pi, pi)")
 register_family("bernstein", Bernstein, "Bernstein polynomials")
 register_family("sos", SumOfSquares, "sum-of-squares polynomials")
 register_flow("glow", Glow, kind="image", summary="Glow: ActNorm, 1x1 convolutions, couplings (the default)")

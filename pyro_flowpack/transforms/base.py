@@ -285,6 +285,14 @@ class ConditionedTransform(FlowTransform):
         self.sequential = layer.sequential
 
     @property
+    def domain(self) -> constraints.Constraint:
+        return self.layer.domain
+
+    @property
+    def codomain(self) -> constraints.Constraint:
+        return self.layer.codomain
+
+    @property
     def output_shape(self) -> Size:
         return self.layer.output_shape
 
@@ -334,6 +342,14 @@ class Inverse(FlowTransform):
         super().__init__(layer.output_shape, layer.context_shape or 0)
         self.layer = layer
         self.sequential = {"forward": "inverse", "inverse": "forward"}.get(layer.sequential)
+
+    @property
+    def domain(self) -> constraints.Constraint:
+        return self.layer.codomain
+
+    @property
+    def codomain(self) -> constraints.Constraint:
+        return self.layer.domain
 
     @property
     def output_shape(self) -> Size:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 from torch import Size, Tensor
-from torch.distributions import Transform
+from torch.distributions import Transform, constraints
 from torch.distributions.utils import _sum_rightmost
 
 from ..checks import ShapeLike, as_shape
@@ -34,6 +34,13 @@ def call_and_ladj(
         ladj = transform.log_abs_det_jacobian(x, y)
     batch_dim = x.dim() - event_dim
     return y, _sum_rightmost(ladj, ladj.dim() - batch_dim)
+
+
+def _with_event_dim(constraint: constraints.Constraint, event_dim: int) -> constraints.Constraint:
+    """``constraint`` over ``event_dim`` event dimensions (an elementwise part's, such as
+    Pyro's ``Spline``, is reinterpreted)."""
+    missing = event_dim - constraint.event_dim
+    return constraints.independent(constraint, missing) if missing > 0 else constraint
 
 
 class Compose(FlowTransform):
@@ -83,6 +90,16 @@ class Compose(FlowTransform):
     @property
     def output_shape(self) -> Size:
         return self._shapes[-1]
+
+    # the first part's domain and the last part's codomain, so that a flow ending in a
+    # support layer (Bounded, Positive, circular) reports its support
+    @property
+    def domain(self) -> constraints.Constraint:
+        return _with_event_dim(self.parts[0].domain, len(self.event_shape)) if self.parts else super().domain
+
+    @property
+    def codomain(self) -> constraints.Constraint:
+        return _with_event_dim(self.parts[-1].codomain, len(self.output_shape)) if self.parts else super().codomain
 
     @property
     def discrete_output(self) -> bool:
