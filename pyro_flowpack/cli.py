@@ -55,6 +55,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "context_columns": None,
     "num_bins": None,
     "dequantize": False,
+    "support": None,
     "checkpoint_every": None,
     "progress": True,
     "k": None,  # importance samples for the final image evaluation: 64 for digits, 8 otherwise
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dequantize", action="store_true",
                       help="tabular files: model the columns that hold only integers as discrete values (uniform "
                            "dequantization); the NLL is then a bound on their probability times the others' density")
+    what.add_argument("--support", metavar="SPEC",
+                      help="vector data: the support of each modelled column, comma-separated: real, positive or "
+                           "LOW:HIGH (an empty side is unbounded: 0: or :5), or one entry for every column; the flow "
+                           "then puts no mass outside it [real]")
     what.add_argument("--resume", action="store_true", default=False,
                       help="continue the run in --out with its saved settings; --epochs / --max-steps may extend it")
     vector = train.add_argument_group("vector flows")
@@ -347,6 +352,37 @@ def _check_data_unchanged(metadata: dict[str, Any]) -> None:
                            "would be split and scored anew: restore the file or train a new run")
 
 
+def _support(text: str, data: Any) -> list:
+    """The per-column supports of ``--support``, checked against the data: every row of
+    every split must lie strictly inside them (it would have zero density)."""
+    from .transforms.support import Support, parse_support
+
+    if data.kind == "image":
+        raise CommandError("--support is for vector data; image flows model pixels in [0, num_bins) already")
+    if data.dequantized:
+        raise CommandError("--support cannot be combined with --dequantize (the dequantized columns' support is "
+                           "their integer grid); leave one of them out")
+    names = data.columns or [str(i) for i in range(data.event_shape[0])]
+    try:
+        specs = parse_support(text, features=len(names))
+    except ValueError as error:
+        raise CommandError(f"--support: {error}") from None
+    layer = Support(specs)
+    for split in ("train", "valid", "test"):
+        rows = getattr(data, split)
+        if data.standardizer is not None:
+            rows = data.standardizer.inverse(rows.double())
+        outside = ~((rows > layer.low.double()) & (rows < layer.high.double()))
+        if bool(outside.any()):
+            j = int(outside.any(0).nonzero()[0])
+            values = rows[outside[:, j], j]
+            raise CommandError(
+                f"--support: column {names[j]!r} is {specs[j]!r}, but {int(outside[:, j].sum())} {split} row(s) lie "
+                f"outside it (from {float(values.min()):.6g} to {float(values.max()):.6g}); they would have zero "
+                "density: widen the support or drop those rows")
+    return specs
+
+
 # the command-line options that reach a flow's builder, by kind of data
 _FLOW_ARGUMENTS = {"vector": ("transforms", "hidden", "bins"),
                    "image": ("levels", "depth", "hidden_channels", "coupling", "dequantization", "bins")}
@@ -384,7 +420,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
     from .train.distributed import setup
     from .train.folder import RunFolder, RunLockedError, changed_settings
-    from .train.run import build_flow, with_column_dequantization
+    from .train.run import build_flow, with_column_dequantization, with_support
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
     if "data" in given:
@@ -432,12 +468,15 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"the test split of {data.name} is empty (--test-fraction 0?): the final evaluation "
                            "needs test examples")
     flow_options = _flow_options(settings, "image" if image else "vector", given)
+    support = _support(settings["support"], data) if settings["support"] else None
     torch.manual_seed(settings["seed"])
     try:
         flow = build_flow(settings["flow"], data.event_shape, num_bins=data.num_bins,
                           context=len(data.context_columns or []), **flow_options)
         if data.dequantized:
             flow = with_column_dequantization(flow, [c in data.dequantized for c in data.columns], data.standardizer)
+        if support:
+            flow = with_support(flow, support, data.standardizer)
         config = TrainConfig(
             epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
             weight_decay=settings["weight_decay"], schedule=settings["schedule"], warmup=settings["warmup"],
@@ -463,6 +502,7 @@ def _train(args: argparse.Namespace) -> int:
         "standardizer": data.standardizer.state_dict() if data.standardizer is not None else None,
         "columns": data.columns,
         "dequantized": data.dequantized,
+        "support": support,
         "context_columns": data.context_columns,
         "context_standardizer": (data.context_standardizer.state_dict()
                                  if data.context_standardizer is not None else None),

@@ -21,9 +21,10 @@ from ..flows.registry import FLOWS, FlowEntry, flow_entry
 from ..data.tabular import Standardizer
 from ..transforms.dequantization import ColumnDequantization
 from ..transforms.elementwise import ElementwiseAffine
+from ..transforms.support import Support
 from .folder import RunFolder
 
-__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "with_column_dequantization", "Run", "load_run",
+__all__ = ["VECTOR_FLOWS", "IMAGE_FLOWS", "build_flow", "with_column_dequantization", "with_support", "Run", "load_run",
            "RawUnitsFlow"]
 
 #: The flows for vectors ``(D,)`` and for images ``(C, H, W)`` by name: the two kinds of
@@ -87,6 +88,29 @@ def with_column_dequantization(flow: Flow, columns: Sequence[bool], standardizer
         torch.Size([1])
     """
     layer = ColumnDequantization(torch.as_tensor(columns, dtype=torch.bool), standardizer.mean, standardizer.std)
+    return Flow([flow.transform, layer.to(flow.base().mean.dtype)], flow.base_argument())
+
+
+def with_support(flow: Flow, supports: Sequence[Any], standardizer: Standardizer | None = None) -> Flow:
+    r"""The vector flow ``flow`` followed by a :class:`~pyro_flowpack.transforms.Support`
+    layer, so that it is a proper density on the product of ``supports`` (one spec per
+    feature, as :func:`~pyro_flowpack.transforms.parse_support` returns them), given in
+    the data's units: for data standardised by ``standardizer``, :math:`z = (x - \mu) /
+    \sigma`, the bounds :math:`(a, b)` become :math:`((a - \mu) / \sigma, (b - \mu) /
+    \sigma)`, so that the flow on :math:`z` followed by the map back to :math:`x` puts no
+    mass outside :math:`(a, b)`.
+
+    Example:
+        >>> s = Standardizer(torch.tensor([3.0]).double(), torch.tensor([2.0]).double())
+        >>> flow = with_support(build_flow("maf", (1,), transforms=1, hidden=(8,)), ["positive"], s)
+        >>> flow.transform[-1].supports  # x > 0 is z > -1.5
+        [(-1.5, inf)]
+    """
+    raw = Support(supports)
+    low, high = raw.low.double(), raw.high.double()
+    if standardizer is not None:
+        low, high = standardizer.transform(low), standardizer.transform(high)
+    layer = Support([(float(a), float(b)) for a, b in zip(low, high)])
     return Flow([flow.transform, layer.to(flow.base().mean.dtype)], flow.base_argument())
 
 
@@ -166,6 +190,8 @@ def load_run(run: str | os.PathLike[str], which: str = "best", map_location: Any
     dequantized = metadata.get("dequantized")
     if dequantized:
         model = with_column_dequantization(model, [c in dequantized for c in metadata["columns"]], standardizer)
+    if metadata.get("support"):
+        model = with_support(model, metadata["support"], standardizer)
     model.load_state_dict(checkpoint["model"])
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     model.to(device).eval()

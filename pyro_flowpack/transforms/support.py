@@ -248,14 +248,21 @@ class Support(FlowTransform):
         return constraints.stack([self._constraint(k, self.low[i], self.high[i]) for i, k in enumerate(kinds)], dim=-1)
 
     # Maps, one kind at a time -------------------------------------------------------------
+    def _limits(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        """The bounds in ``value``'s dtype, from the exact numbers given, not from the
+        buffers: a layer trained in float32 and moved to float64 keeps its bounds exact."""
+        low = torch.tensor([a for a, _ in self._bounds], dtype=value.dtype, device=value.device)
+        return low, torch.tensor([b for _, b in self._bounds], dtype=value.dtype, device=value.device)
+
     def _groups(self, value: Tensor):
         """Each kind with its features of ``value`` and their bounds."""
+        low, high = self._limits(value)
         if len(self._kinds) == 1:
-            yield self._kinds[0], value, self.low, self.high
+            yield self._kinds[0], value, low, high
             return
         for k in self._kinds:
             index = getattr(self, f"index_{k}")
-            yield k, value.index_select(-1, index), self.low[index], self.high[index]
+            yield k, value.index_select(-1, index), low[index], high[index]
 
     def _merge(self, parts: list[Tensor]) -> Tensor:
         if len(parts) == 1:
@@ -298,7 +305,7 @@ class Support(FlowTransform):
     def _check_support(self, y: Tensor) -> None:
         """Raises (torch's convention under validation) for values outside the codomain:
         closed intervals, open half-lines."""
-        low, high = self.low, self.high
+        low, high = self._limits(y)
         closed = torch.isfinite(low) & torch.isfinite(high)
         bad = torch.where(closed, (y < low) | (y > high), (y <= low) | (y >= high))
         if bool(bad.any()):
