@@ -132,6 +132,16 @@ def flow_with(made: Made, layers: list | None = None) -> pf.Flow:
     return pf.Flow(layers or [], base=made.base)
 
 
+def fit_nll(flow: pf.Flow, x: torch.Tensor, steps: int, lr: float) -> None:
+    """Maximum likelihood: ``steps`` full-batch Adam steps on ``x``."""
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = -flow().log_prob(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 # Densities ------------------------------------------------------------------------------
 @pytest.mark.parametrize("D", FEATURES)
 def test_log_prob_is_the_analytic_density_through_an_affine_layer_per_point_float64_within_1e10(make, D):
@@ -195,14 +205,9 @@ def test_maximum_likelihood_changes_every_base_parameter_and_lowers_the_nll(make
     flow = flow_with(made)
     x = 1.5 + 0.5 * torch.randn(1024, D)
     start = {name: p.detach().clone() for name, p in made.parameters.items()}
-    optimizer = torch.optim.Adam(flow.parameters(), lr=0.02)
     with torch.no_grad():
         before = -flow().log_prob(x).mean()
-    for _ in range(150):
-        loss = -flow().log_prob(x).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_nll(flow, x, steps=150, lr=0.02)
     with torch.no_grad():
         after = -flow().log_prob(x).mean()
     for name, p in made.parameters.items():
@@ -221,12 +226,7 @@ def test_a_mixture_base_fits_a_two_mode_sample_within_0_02_nats_of_the_true_nll(
     true_nll = -truth.log_prob(x.squeeze(-1)).mean()
     base = GaussianMixture(1, components=2)
     flow = pf.Flow([], base=base)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
-    for _ in range(500):
-        loss = -flow().log_prob(x).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_nll(flow, x, steps=500, lr=0.05)
     with torch.no_grad():
         nll = -flow().log_prob(x).mean()
         order = base.loc.squeeze(-1).argsort()
@@ -246,12 +246,7 @@ def test_a_student_t_base_learns_heavy_tails_within_0_4_of_the_true_df_and_0_02_
     true_nll = -truth.log_prob(x).mean()
     base = StudentT(1, df=5.0, learn_df=True)
     flow = pf.Flow([], base=base)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
-    for _ in range(400):
-        loss = -flow().log_prob(x).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_nll(flow, x, steps=400, lr=0.05)
     with torch.no_grad():
         nll = -flow().log_prob(x).mean()
     assert abs(base.df.item() - 1.5) < 0.4, base.df
