@@ -11,7 +11,11 @@ with no data, so the "posterior" is the funnel itself and its normaliser is
 below 0 it ends is how far each guide is from the funnel, whose scale in :math:`x`
 changes by :math:`e^{\pm 3}` along :math:`v`. Every guide gets the same budget: the same
 steps of ``Trace_ELBO`` with 8 vectorised particles and Adam with a learning rate that
-decays tenfold. The final ELBO of each is estimated from many particles.
+decays tenfold. Each guide is then diagnosed from many draws
+(``pf.infer.diagnose``, ``AutoFlowGuide.diagnose`` for ours): its ELBO, the
+importance-sampled :math:`\log Z` with its standard error, the Pareto :math:`\hat k`
+(below 0.5: good; 0.5 to 0.7: usable with care; above 0.7: do not trust the guide) and
+the effective sample size, printed with a verdict.
 
 Run::
 
@@ -52,15 +56,9 @@ def funnel() -> None:
     pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
 
 
-def elbo_estimate(model: Callable, guide: Callable, particles: int) -> float:
-    """The ELBO from ``particles`` vectorised draws of the guide."""
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
-    with torch.no_grad():
-        return -elbo.loss(model, guide)
-
-
-def fit(make_guide: Callable, steps: int, lr: float, seed: int, particles: int) -> tuple[float, float]:
-    """Trains one guide and returns its final ELBO estimate and the training seconds."""
+def fit(make_guide: Callable, steps: int, lr: float, seed: int, particles: int) -> tuple[pf.infer.Diagnostics, float]:
+    """Trains one guide and returns its diagnostics from ``particles`` draws and the
+    training seconds."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = make_guide(funnel)
@@ -71,7 +69,7 @@ def fit(make_guide: Callable, steps: int, lr: float, seed: int, particles: int) 
         svi.step()
     seconds = time.perf_counter() - start
     pyro.set_rng_seed(seed + 1)
-    return elbo_estimate(funnel, guide, particles), seconds
+    return pf.infer.diagnose(funnel, guide, num_particles=particles, max_plate_nesting=0), seconds
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -79,21 +77,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2000, help="SVI steps per guide")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's initial learning rate (decays to lr/10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--particles", type=int, default=10000, help="particles of the final ELBO estimate")
+    parser.add_argument("--particles", type=int, default=10000, help="draws of the final diagnostics (>= 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the ELBOs as JSON")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.particles < 1 or not args.lr > 0:
-        parser.error("--steps and --particles must be positive ints and --lr a positive number")
+    if args.steps < 1 or args.particles < 2 or not args.lr > 0:
+        parser.error("--steps must be a positive int, --particles an int >= 2 and --lr a positive number")
 
     print(f"Neal's funnel, D={DIM}, log Z = {LOG_Z:g}; {args.steps} steps, 8 vectorised particles")
     results: dict[str, float] = {}
+    diagnostics: dict[str, dict] = {}
     for name, make_guide in GUIDES.items():
-        elbo, seconds = fit(make_guide, args.steps, args.lr, args.seed, args.particles)
-        results[name] = elbo
-        print(f"{name:>14}: ELBO {elbo:8.4f}   log Z - ELBO {LOG_Z - elbo:7.4f}   ({seconds:.0f} s)", flush=True)
+        diagnosis, seconds = fit(make_guide, args.steps, args.lr, args.seed, args.particles)
+        results[name] = diagnosis.elbo
+        diagnostics[name] = diagnosis.as_dict()
+        print(f"{name:>14}: ELBO {diagnosis.elbo:8.4f}   log Z - ELBO {LOG_Z - diagnosis.elbo:7.4f}   "
+              f"({seconds:.0f} s)", flush=True)
+        print("                " + str(diagnosis).replace("\n", "\n                "), flush=True)
 
     summary = {"log_z": LOG_Z, "steps": args.steps, "seed": args.seed, "lr": args.lr,
-               "particles": args.particles, "elbo": results}
+               "particles": args.particles, "elbo": results, "diagnostics": diagnostics}
     if args.json:
         write_atomically(Path(args.json), lambda p: p.write_text(json.dumps(summary, indent=2)))
     return summary
