@@ -385,7 +385,7 @@ def test_unknown_flow_name_or_option_raises_naming_the_choices():
         AutoFlowGuide(constrained_model, flow=torch.nn.Linear)
     with pytest.raises(TypeError, match="flow must be a name"):
         AutoFlowGuide(constrained_model, flow=3)
-    with pytest.raises(ValueError, match="init_scale must be a positive number, got -1"):
+    with pytest.raises(ValueError, match="init_scale must be a finite number > 0, got -1"):
         AutoFlowGuide(constrained_model, init_scale=-1)
 
 

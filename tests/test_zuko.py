@@ -160,7 +160,7 @@ def test_from_zuko_context_broadcasts_over_the_sample_shape_as_in_zuko():
 def test_clear_errors():
     with pytest.raises(TypeError, match="expects a zuko LazyTransform.*got Linear"):
         pf.transforms.ZukoTransform(torch.nn.Linear(2, 2), 2)
-    with pytest.raises(ValueError, match="non-negative int.*got \\(1, 2\\)"):
+    with pytest.raises(ValueError, match="must be an int >= 0, got \\(1, 2\\)"):
         pf.transforms.ZukoTransform(zuko.flows.MAF(2).transform, 2, context=(1, 2))
     with pytest.raises(TypeError, match="expects a zuko flow.*got MaskedAutoregressiveTransform"):
         pf.flows.from_zuko(zuko.flows.MaskedAutoregressiveTransform(2))

@@ -48,7 +48,7 @@ from ..flow import Flow, FlowDistribution
 from ..flows.registry import flow_entry, flow_names
 from ..transforms.base import FlowTransform
 from ..transforms.normalization import ActNorm
-from ..checks import check_int, check_real
+from ..checks import check_int, check_positive, check_real
 from .diagnostics import Diagnostics, diagnose
 from .losses import StratifiedMixture
 
@@ -366,11 +366,8 @@ class AutoFlowGuide(AutoContinuous):
         init_spread = check_real(init_spread, "AutoFlowGuide: init_spread")
         if init_spread < 0:
             raise ValueError(f"AutoFlowGuide: init_spread must be a number >= 0, got {init_spread!r}")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0 \
-                or not math.isfinite(init_scale):
-            raise ValueError(f"AutoFlowGuide: init_scale must be a positive number, got {init_scale!r}")
-        if isinstance(quantile_samples, bool) or not isinstance(quantile_samples, int) or quantile_samples < 1:
-            raise ValueError(f"AutoFlowGuide: quantile_samples must be a positive int, got {quantile_samples!r}")
+        init_scale = check_positive(init_scale, "AutoFlowGuide: init_scale")
+        quantile_samples = check_int(quantile_samples, "AutoFlowGuide: quantile_samples")
         if not isinstance(stl, bool):
             raise TypeError(f"AutoFlowGuide: stl must be True or False, got {stl!r}")
         super().__init__(model, init_loc_fn=init_loc_fn)

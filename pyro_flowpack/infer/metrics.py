@@ -52,10 +52,8 @@ def bits_per_dim(log_prob: Tensor, event_shape: int | Sequence[int] | Size) -> T
         tensor([1., -0.])
     """
     dims = tuple(event_shape) if isinstance(event_shape, Sequence) else (event_shape,)
-    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ValueError(
-            f"bits_per_dim expects event_shape to be an int >= 1 or a shape of ints >= 1, got {event_shape!r}"
-        )
+    for d in dims:
+        check_int(d, f"bits_per_dim: event_shape {event_shape!r}: each entry")
     return -log_prob / (math.prod(dims) * math.log(2))
 
 

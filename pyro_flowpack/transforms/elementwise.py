@@ -16,19 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from ..checks import ShapeLike, as_shape
+from ..checks import ShapeLike, as_shape, check_real
 from .base import FlowTransform
 
 __all__ = ["Logit", "Scale", "ElementwiseAffine"]
 
 
 def _check_number(name: str, what: str, value: object) -> float:
-    """Returns ``value`` as a float, raising a clear error unless it is a finite real number."""
+    """Returns ``value`` as a float, raising a clear error unless it is a finite real number
+    (a one-element tensor counts as its number)."""
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} expects {what} to be a finite real number, got {value!r}")
-    return float(value)
+    return check_real(value, f"{name}: {what}")
 
 
 class Logit(FlowTransform):
@@ -90,7 +89,7 @@ class Logit(FlowTransform):
     def __init__(self, shape: ShapeLike, alpha: float = 0.05) -> None:
         alpha = _check_number("Logit", "alpha", alpha)
         if not 0.0 <= alpha < 0.5:
-            raise ValueError(f"Logit expects alpha in [0, 0.5), got {alpha!r}")
+            raise ValueError(f"Logit: alpha must be in [0, 0.5), got {alpha!r}")
         super().__init__(as_shape(shape))
         self.alpha = alpha
         self._log_width = math.log1p(-2 * alpha)  # log(1 - 2 alpha)

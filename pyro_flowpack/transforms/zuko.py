@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
-from ..checks import ShapeLike
+from ..checks import ShapeLike, check_int
 from .base import FlowTransform
 
 if TYPE_CHECKING:
@@ -98,11 +98,7 @@ class ZukoTransform(FlowTransform):
                 f"ZukoTransform expects a zuko LazyTransform (a zuko layer or a zuko flow's .transform), "
                 f"got {type(transform).__name__}"
             )
-        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-            raise ValueError(
-                f"ZukoTransform expects context to be a non-negative int (zuko takes vector contexts), "
-                f"got {context!r}"
-            )
+        context = check_int(context, "ZukoTransform: context (zuko takes vector contexts)", minimum=0)
         super().__init__(features, context)
         self.lazy_transform: nn.Module = transform
 
