@@ -102,15 +102,23 @@ def dequantization_layers(shape: Size, dequantization: str | None, num_bins: int
     return [Logit(shape, alpha), layer]
 
 
-def _prior(hidden_channels: int) -> StepsBuilder:
+def _prior(hidden_channels: int, blocks: int) -> StepsBuilder:
     # Glow's learned prior N(mu(kept), sigma(kept)) on the factored-out half
-    return lambda s, i: [AffineCoupling(s, "channel", hidden=hidden_channels, blocks=1)]
+    return lambda s, i: [AffineCoupling(s, "channel", hidden=hidden_channels, blocks=blocks)]
 
 
 class Glow(Flow):
     r"""Glow: a multi-scale flow whose steps are ActNorm, an invertible 1x1 convolution and
-    an affine coupling with a channel mask and a convolutional ResNet conditioner, with a
+    an affine coupling with a channel mask and a convolutional conditioner, with a
     learned prior for every factored-out half, logit pre-processing and dequantization.
+
+    The conditioner of every coupling and prior is a
+    :class:`~pyro_flowpack.nn.ConvResNet` with ``hidden_channels`` channels: by default
+    (``blocks=1``) a ResNet with one residual block, or with ``blocks=0`` the paper's own
+    3x3, 1x1, 3x3 convolutions, which is also normflows' ``GlowBlock`` network. Each
+    residual block adds a 3x3 convolution of :math:`9 h^2` weights, so at 64 channels
+    ``blocks=0`` has about a fifth of the parameters of ``blocks=1`` and takes about
+    40% less time per training step (see the digits benchmark).
 
     With ``dequantization``, ``flow().log_prob(x)`` takes integer images in
     ``[0, num_bins)`` (any integer or float dtype) and returns the lower bound on
@@ -127,7 +135,8 @@ class Glow(Flow):
         dequantization: ``"uniform"``, ``"variational"`` or ``None``.
         num_bins: The number of pixel levels :math:`K`.
         alpha: The squeeze of the logit pre-processing.
-        blocks: The residual blocks of each coupling's ResNet.
+        blocks: The residual blocks of each coupling's and prior's conditioner, or 0 for
+            Glow's 3x3, 1x1, 3x3 network.
         coupling: ``"affine"`` (Glow) or ``"spline"`` (rational-quadratic spline
             couplings, as in neural spline flows).
         bins: The number of spline bins (``coupling="spline"``).
@@ -166,7 +175,7 @@ class Glow(Flow):
                 layers += [glow_coupling(s), InvertibleConv1x1(s), ActNorm(s)]
             return layers
 
-        body = multiscale(shape, levels, glow_steps, prior=_prior(hidden_channels))
+        body = multiscale(shape, levels, glow_steps, prior=_prior(hidden_channels, blocks))
         super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, dequantization_channels)])
 
 
@@ -215,7 +224,7 @@ class MultiscaleRealNVP(Flow):
             return build
 
         body = multiscale(
-            shape, levels, couplings("channel", steps), prior=_prior(hidden_channels),
+            shape, levels, couplings("channel", steps), prior=_prior(hidden_channels, 1),
             before_squeeze=couplings("checkerboard", steps), last=couplings("checkerboard", steps + 1),
         )
         super().__init__([body, *dequantization_layers(shape, dequantization, num_bins, alpha, dequantization_channels)])
