@@ -277,9 +277,12 @@ def test_include_merges_earlier_results_without_rerunning_them(vi, tmp_path):
     vi.main([*tiny, "--guides", "AutoNormal", "--json", str(first)])
     earlier = json.loads(first.read_text())["results"][0]
 
-    merged = vi.main([*tiny, "--guides", "AutoNormal", "AutoMultivariateNormal", "--include", str(first), str(first)])
+    shown = tmp_path / "shown.rst"
+    merged = vi.main([*tiny, "--guides", "AutoNormal", "AutoMultivariateNormal", "--include", str(first), str(first),
+                      "--show", "AutoMultivariateNormal", "--rst", str(shown)])
     assert [r["guide"] for r in merged] == ["AutoNormal", "AutoMultivariateNormal"]  # the duplicate kept once
     assert merged[0] == earlier  # carried over, not run again
+    assert "- AutoMultivariateNormal" in shown.read_text() and "- AutoNormal\n" not in shown.read_text()
 
     with pytest.raises(ValueError, match="expected results made with"):
         vi.main(["--steps", "5", "--particles", "2", "--eval-particles", "32", "--targets", "banana",
@@ -292,7 +295,7 @@ def test_goals_compare_with_the_best_peer_per_budget_and_count_diverged_seeds(vi
 
     results = [
         result("AutoFlowGuide", 0.010), result("AutoFlowGuide", 1.5, seed=1),  # one seed diverged
-        result("AFG-iaf-nostl", 0.001), result("ZukoNSF", 0.030), result("ZukoNSF", 0.040, seed=1),
+        result("AFG-spline1-nostl", 0.001), result("ZukoNSF", 0.030), result("ZukoNSF", 0.040, seed=1),
         result("AutoNormal", 0.5), result("AutoNormal", 0.5, seed=1),
         result("AutoFlowGuide", 0.020, particles=8), result("AutoIAFNormal", 0.015, particles=8),
         result("AutoFlowGuide", 2.0, "mixture"), result("AutoNormal", 1.1, "mixture"),  # nobody solves it
@@ -305,7 +308,7 @@ def test_goals_compare_with_the_best_peer_per_budget_and_count_diverged_seeds(vi
     assert lines[2] == "mixture [1 p.]: AutoFlowGuide gap 2.0000, best peer AutoNormal 1.1000: MISSED; diverged 0/1"
     assert lines[3] == "AutoFlowGuide: met 0, within 0.01 1, missed 2 of 3; 1 diverged seed(s)"
     # an ablation of ours is never the peer to beat
-    assert all("AFG-iaf-nostl" not in line.split("best peer")[1] for line in vi.goals(results) if "best peer" in line)
+    assert all("AFG-spline1-nostl" not in line.split("best peer")[1] for line in vi.goals(results) if "best peer" in line)
 
 
 def test_every_recipe_is_in_the_one_mapping_and_builds_an_autoflowguide(vi):
