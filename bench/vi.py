@@ -74,10 +74,9 @@ settings, and redone when either changes; about 5 minutes of one core).
 
 Guides (:data:`GUIDES`), all fitted in the unconstrained space that Pyro's autoguides use.
 Ours: the recipes of :data:`RECIPES`, each ``pf.infer.AutoFlowGuide(model, flow, **options)``;
-``AutoFlowGuide`` is the library's default, ``pf.infer.AutoFlowGuide(model)`` (4 IAF
-blocks, the last 2 ending with a 16-bin spline layer, since issue 13), ``AFG-affine``
-(:data:`PREVIOUS`) the default before it (``splines=0``), and the other recipes the
-candidates screened (only the default and :data:`PREVIOUS` run unless named). Peers (:data:`PEERS`): Pyro's ``AutoNormal``,
+``AutoFlowGuide`` is the library's default, ``pf.infer.AutoFlowGuide(model)``, and the
+other recipes are the candidates screened for a new default (only the default and
+:data:`RECOMMENDED` run unless named). Peers (:data:`PEERS`): Pyro's ``AutoNormal``,
 ``AutoMultivariateNormal``, ``AutoIAFNormal``, ``AutoNormalizingFlow`` with Pyro's
 rational-quadratic ``SplineAutoregressive`` layers, and zuko's ``NSF`` used as a guide
 through ``pyro.contrib.zuko.ZukoToPyro`` (:class:`AutoZukoNSF`). The peer flows share
@@ -161,7 +160,7 @@ __all__ = [
     "GUIDES",
     "PEERS",
     "RECIPES",
-    "PREVIOUS",
+    "RECOMMENDED",
     "TARGETS",
     "AutoZukoNSF",
     "FlowOptions",
@@ -193,7 +192,7 @@ __all__ = [
 #: in one place.
 RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AutoFlowGuide": (None, {}),
-    "AFG-affine": ("iaf", {"splines": 0}),
+    "AFG-iaf": ("iaf", {}),
     "AFG-spline1": ("iaf", {"splines": 1}),
     "AFG-spline1-t6": ("iaf", {"splines": 1, "transforms": 6}),
     "AFG-spline1-h128": ("iaf", {"splines": 1, "hidden": (128, 128)}),
@@ -202,16 +201,16 @@ RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AFG-spline1-nostl": ("iaf", {"splines": 1, "stl": False}),
     "AFG-spline2": ("iaf", {"splines": 2}),
     "AFG-spline2-init2": ("iaf", {"splines": 2, "init_scale": 2.0}),
-    "AFG-init2": ("iaf", {"init_scale": 2.0}),
+    "AFG-spline2-bins16": ("iaf", {"splines": 2, "bins": 16}),
+    "AFG-spline2-bins16-init2": ("iaf", {"splines": 2, "bins": 16, "init_scale": 2.0}),
     "AFG-spline4": ("iaf", {"splines": 4}),
     "AFG-spline-only": ("iaf", {"affine": False, "splines": 4}),
     "AFG-nsf": ("nsf", {}),
 }
-#: Our default guide (since issue 13 the recipe screened as ``splines=2, bins=16``) and
-#: the default before it (the affine layers alone), the two that run unless ``--guides``
-#: names others: the table's "after" and "before".
+#: Our default guide and the recipe recommended as the next default; the two that run
+#: unless ``--guides`` names others.
 OURS = "AutoFlowGuide"
-PREVIOUS = "AFG-affine"
+RECOMMENDED = "AFG-spline1"
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -937,7 +936,7 @@ GUIDES: dict[str, tuple[GuideBuilder, str]] = {
     **{name: (partial(recipe_guide, recipe=name), recipe_description(name)) for name in RECIPES},
     **PEERS,
 }
-DEFAULT_GUIDES = list(dict.fromkeys([OURS, PREVIOUS, *PEERS]))
+DEFAULT_GUIDES = list(dict.fromkeys([OURS, RECOMMENDED, *PEERS]))
 
 
 # --------------------------------------------------------------------------- fit and evaluate

@@ -82,16 +82,14 @@ TARGET = TARGETS["mixture"]
 GUIDES: dict[str, tuple[Callable[..., Any], int, str]] = {
     "AutoFlowGuide-K3": (
         lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, components=k, transforms=transforms,
-                                                                    hidden=hidden, splines=0),
+                                                                    hidden=hidden),
         3, "pf.infer.AutoFlowGuide(model, components=3): path estimate (stl=True)"),
     "AutoFlowGuide-K3-total": (
         lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, components=k, stl=False,
-                                                                    transforms=transforms, hidden=hidden,
-                                                                    splines=0),
+                                                                    transforms=transforms, hidden=hidden),
         3, "the same with stl=False: total-derivative estimate (ablation)"),
     "AutoFlowGuide": (
-        lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, transforms=transforms, hidden=hidden,
-                                                                    splines=0),
+        lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, transforms=transforms, hidden=hidden),
         1, "pf.infer.AutoFlowGuide(model), one flow: path estimate"),
     "AutoNormal": (lambda model, transforms, hidden, k: AutoNormal(model), 1, "Pyro AutoNormal: total derivative"),
     "AutoIAFNormal": (

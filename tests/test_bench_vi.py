@@ -314,7 +314,7 @@ def test_goals_compare_with_the_best_peer_per_budget_and_count_diverged_seeds(vi
 def test_every_recipe_is_in_the_one_mapping_and_builds_an_autoflowguide(vi):
     import pyro_flowpack as pf
 
-    assert vi.OURS in vi.RECIPES and vi.PREVIOUS in vi.RECIPES
+    assert vi.OURS in vi.RECIPES and vi.RECOMMENDED in vi.RECIPES
     assert list(vi.GUIDES)[: len(vi.RECIPES)] == list(vi.RECIPES)
     assert not set(vi.RECIPES) & set(vi.PEERS)
     for name in vi.RECIPES:

@@ -149,9 +149,8 @@ def test_guides_refuse_names_of_flows_that_sample_sequentially_and_read_the_regi
     with pytest.raises(ValueError, match=r"flow 'maf' samples in 3 sequential passes per layer"):
         pf.infer.guide_flow("maf", 3)
     iaf = pf.infer.guide_flow("iaf", 3)
-    # the guide defaults of the registry: 4 blocks, the last 2 ending with a spline layer,
-    # log-scale bounds (-5, 3), hidden max(64, 4D)
-    assert len(iaf.transform.parts) == 6
+    # the guide defaults of the registry: 4 layers, log-scale bounds (-5, 3), hidden max(64, 4D)
+    assert len(iaf.transform.parts) == 4
     # (the MAF layer that an IAF layer inverts has the negated bounds)
     assert iaf.transform[0].layer.monotone.low == -3.0 and iaf.transform[0].layer.monotone.high == 5.0
 

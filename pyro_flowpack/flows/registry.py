@@ -169,7 +169,7 @@ register_flow("nsf-ar", NSF, summary="rational-quadratic spline autoregressive l
               fixed={"autoregressive": True})
 register_flow("maf", MAF, summary="affine autoregressive layers, one-pass density")
 register_flow("iaf", IAF, summary="affine autoregressive layers, one-pass sampling",
-              guide={"transforms": 4, "log_scale_bounds": (-5.0, 3.0), "splines": 2, "bins": 16})
+              guide={"transforms": 4, "log_scale_bounds": (-5.0, 3.0)})
 register_flow("realnvp", RealNVP, summary="affine couplings", guide={"transforms": 6})
 register_flow("nice", NICE, summary="additive couplings and a diagonal scaling")
 register_flow("cnf", CNF, summary="a continuous flow (zuko's ODE solver)")

@@ -103,12 +103,9 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
               and reversed every layer, with ``log_scale_bounds=(-5, 3)``, the soft bounds
               of each layer's log-scale in the sampling direction (those of Pyro's
               ``AffineAutoregressive``: a funnel's neck needs scales well below
-              :math:`e^{-3}`), and ``splines=2``: the last 2 blocks end with a
-              rational-quadratic spline layer of ``bins=16`` (``tail_bound=5``), chosen on
-              the whole suite of ``bench/vi.py`` (``splines=0`` gives the affine layers
-              alone, the default before; with fewer ``transforms`` the default is
-              ``min(2, transforms)``, and with ``affine=False`` every block is a spline
-              layer; see :class:`~pyro_flowpack.flows.IAF`);
+              :math:`e^{-3}`); ``splines=k`` ends the last ``k`` blocks with a
+              rational-quadratic spline layer (``bins``, ``tail_bound``), ``affine=False``
+              drops the affine layers (see :class:`~pyro_flowpack.flows.IAF`);
             * ``"nsf"``, ``"realnvp"`` (``transforms=6``), ``"nice"``: coupling flows,
               one pass in both directions;
             * ``"bernstein"``, ``"sos"`` and the other families of
@@ -139,11 +136,6 @@ def guide_flow(flow: FlowSpec, features: int, **options: Any) -> Flow:
     if isinstance(flow, str):
         entry = flow_entry(flow, "vector")
         defaults = dict(entry.guide)
-        if "splines" in defaults and "splines" not in options:  # fit the default to the layers asked for
-            transforms = options.get("transforms", defaults.get("transforms", 1))
-            if isinstance(transforms, int) and not isinstance(transforms, bool):  # else the builder refuses it
-                spline_only = options.get("affine", True) is False
-                defaults["splines"] = transforms if spline_only else min(defaults["splines"], transforms)
         if "hidden" in entry.options():
             defaults["hidden"] = _default_hidden(features)
         made = entry.build(features, **{**defaults, **options})
