@@ -192,7 +192,6 @@ __all__ = [
 #: in one place.
 RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AutoFlowGuide": (None, {}),
-    "AFG-iaf": ("iaf", {}),
     "AFG-spline1": ("iaf", {"splines": 1}),
     "AFG-spline1-t6": ("iaf", {"splines": 1, "transforms": 6}),
     "AFG-spline1-h128": ("iaf", {"splines": 1, "hidden": (128, 128)}),
@@ -200,9 +199,7 @@ RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AFG-spline1-ls3": ("iaf", {"splines": 1, "log_scale_bounds": (-3.0, 3.0)}),
     "AFG-spline1-nostl": ("iaf", {"splines": 1, "stl": False}),
     "AFG-spline2": ("iaf", {"splines": 2}),
-    "AFG-spline2-init2": ("iaf", {"splines": 2, "init_scale": 2.0}),
     "AFG-spline2-bins16": ("iaf", {"splines": 2, "bins": 16}),
-    "AFG-spline2-bins16-init2": ("iaf", {"splines": 2, "bins": 16, "init_scale": 2.0}),
     "AFG-spline4": ("iaf", {"splines": 4}),
     "AFG-spline-only": ("iaf", {"affine": False, "splines": 4}),
     "AFG-nsf": ("nsf", {}),
