@@ -402,9 +402,62 @@ def test_jit_trace_elbo_trains_with_the_plain_score_and_a_warning():
     assert all(math.isfinite(loss) for loss in losses)
 
 
-def test_stl_must_be_a_bool():
-    with pytest.raises(TypeError, match="stl must be True or False, got 'yes'"):
+def test_stl_must_be_a_bool_or_a_weight_in_the_unit_interval():
+    with pytest.raises(TypeError, match=r"stl must be True, False or a weight in \[0, 1\], got 'yes'"):
         AutoFlowGuide(constrained_model, stl="yes")
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"stl must be True, False or a weight in \[0, 1\], got"):
+            AutoFlowGuide(constrained_model, stl=bad)
+    with pytest.raises(ValueError, match="with components=3, stl must be True or False, got 0.5"):
+        AutoFlowGuide(constrained_model, components=3, stl=0.5)
+    guide = AutoFlowGuide(constrained_model)
+    with pytest.raises(ValueError, match="got 2"):
+        guide.stl = 2
+
+
+@pytest.mark.parametrize("flow, options", [("iaf", {"transforms": 2, "splines": 1}), ("realnvp", {"transforms": 2})])
+@pytest.mark.parametrize("weight", [0.3, 0.75])
+def test_a_fractional_stl_weight_blends_the_two_gradients_and_keeps_the_value(flow, options, weight):
+    # stl=c: the ELBO's value is unchanged and its gradient is c * (path) + (1 - c) * (total),
+    # per parameter, from the same draws, on a posterior that is not the guide (moved away
+    # from the identity first), at 1 and at 4 particles
+    def model():
+        p = pyro.sample("p", dist.Beta(2.0, 5.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+        pyro.sample("y", dist.Normal(p * 3.0, s), obs=torch.tensor(1.5))
+
+    guide = AutoFlowGuide(model, flow=flow, **options)
+    guide()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for particles in (1, 4):
+        values, grads = {}, {}
+        for stl in (True, False, weight):
+            guide.stl = stl
+            pyro.set_rng_seed(7)
+            values[stl], grads[stl] = elbo_gradient(model, guide, particles=particles)
+        assert values[weight] == pytest.approx(values[True], abs=1e-5)
+        assert values[weight] == pytest.approx(values[False], abs=1e-5)
+        expected = weight * grads[True] + (1 - weight) * grads[False]
+        assert float((grads[True] - grads[False]).norm()) > 1e-3  # the two estimates differ here
+        assert torch.allclose(grads[weight], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_fractional_stl_weight_also_blends_the_score_of_a_value_it_did_not_draw():
+    g = pf.infer.guide_flow("iaf", 3, transforms=2, splines=1)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    value = torch.randn(5, 3)
+    parameters = list(g.parameters())
+    plain = g().log_prob(value)
+    held = pf.infer.StickingTheLanding(g.base().expand((5,)), g.transform, g, weight=0.4).log_prob(value)
+    assert torch.allclose(held, plain, atol=1e-5)
+    got = torch.autograd.grad(held.sum(), parameters)
+    want = torch.autograd.grad(plain.sum(), parameters)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, 0.6 * b, atol=1e-6, rtol=1e-4)
 
 
 def test_a_model_without_latent_sites_raises():

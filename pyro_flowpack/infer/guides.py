@@ -206,10 +206,19 @@ class StickingTheLanding(FlowDistribution):
     score, and so it is, with a warning, under ``torch.jit`` tracing
     (:class:`~pyro.infer.JitTrace_ELBO`), where ``functional_call`` is not available.
 
+    With ``weight`` :math:`c < 1` the score is
+    :math:`c \log q_{\bar\phi}(z) + (1 - c) \log q_\phi(z)`, the same value, whose
+    gradient blends the two estimates: the path derivative and :math:`1 - c` times the score
+    term (both unbiased, so the blend is too). Far from the posterior the path estimate
+    can be the noisier one (its :math:`\nabla_z \log q` does not cancel
+    :math:`\nabla_z \log p` yet), near it the score term is; :math:`c` trades the two.
+
     Arguments:
         base: The base distribution, with the batch shape.
         transform: The flow's bijection, base side to data side.
         flow: The :class:`~pyro_flowpack.flow.Flow` module that owns the parameters.
+        weight: The weight :math:`c \in [0, 1]` of the path estimate (1: the path
+            derivative alone; 0: the plain total derivative).
 
     Example:
         >>> flow = pf.infer.guide_flow("iaf", 2)
@@ -229,14 +238,15 @@ class StickingTheLanding(FlowDistribution):
     """
 
     def __init__(self, base: torch.distributions.Distribution, transform: FlowTransform, flow: Flow,
-                 validate_args: bool | None = None) -> None:
+                 validate_args: bool | None = None, weight: float = 1.0) -> None:
         super().__init__(base, transform, None, validate_args=validate_args)
         self.flow = flow
+        self.weight = float(weight)
         self._drawn: tuple[Tensor, Tensor, Tensor] | None = None
 
     def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> "StickingTheLanding":
         return StickingTheLanding(self.base_dist.expand(torch.Size(batch_shape)), self.transform, self.flow,
-                                  validate_args=self._validate_args)
+                                  validate_args=self._validate_args, weight=self.weight)
 
     def rsample(self, sample_shape: Sequence[int] = torch.Size(), temperature: float = 1.0) -> Tensor:
         epsilon = self._base_sample(sample_shape, temperature)
@@ -259,9 +269,15 @@ class StickingTheLanding(FlowDistribution):
             fixed = {"flow." + name: p.detach() for name, p in self.flow.named_parameters()}
             # a new tensor object: the layers' caches only answer for the very tensor they
             # made, whose graph runs through the live parameters
-            return functional_call(_FixedParameterScore(self.flow), fixed, (value.view_as(value),))
+            held = functional_call(_FixedParameterScore(self.flow), fixed, (value.view_as(value),))
+            if self.weight == 1.0:
+                return held
+            live = super().log_prob(value)
+            return self.weight * held + (1.0 - self.weight) * live
         epsilon, z, ladj = self._drawn
         log_q = self.base_dist.log_prob(epsilon) - ladj
+        if self.weight == 0.0:
+            return log_q
         (u,) = torch.autograd.grad(log_q.sum(), epsilon, retain_graph=True)
         features = z.shape[-1]
         basis = torch.eye(features, dtype=z.dtype, device=z.device).reshape(
@@ -271,7 +287,21 @@ class StickingTheLanding(FlowDistribution):
         jacobian = rows.movedim(0, -2)
         slope = torch.linalg.solve(jacobian.transpose(-1, -2).double(), u.double().unsqueeze(-1))
         slope = slope.squeeze(-1).to(value.dtype)
-        return log_q.detach() + (slope * (value - value.detach())).sum(-1)
+        path = log_q.detach() + (slope * (value - value.detach())).sum(-1)
+        if self.weight == 1.0:
+            return path
+        return self.weight * path + (1.0 - self.weight) * log_q
+
+
+def _path_weight(stl: Any) -> float:
+    """The weight :math:`c` of ``stl``: 1 for True, 0 for False, or a number in [0, 1]."""
+    if isinstance(stl, bool):
+        return float(stl)
+    if isinstance(stl, (int, float)) and not isinstance(stl, bool) and 0.0 <= float(stl) <= 1.0:
+        return float(stl)
+    if isinstance(stl, (int, float)):
+        raise ValueError(f"AutoFlowGuide: stl must be True, False or a weight in [0, 1], got {stl!r}")
+    raise TypeError(f"AutoFlowGuide: stl must be True, False or a weight in [0, 1], got {stl!r}")
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -321,6 +351,12 @@ class AutoFlowGuide(AutoContinuous):
             the :math:`D \times D` Jacobian of each particle costs too much (hundreds of
             latent dimensions). :class:`~pyro_flowpack.infer.SIWAE` takes either and
             explains what each gives (with ``stl=True``: biased, but far steadier).
+            A number :math:`c \in [0, 1]` blends the two unbiased estimates,
+            :math:`c \cdot \text{path} + (1 - c) \cdot \text{total}` (``True`` is 1,
+            ``False`` 0), the value of the ELBO unchanged: the score term
+            :math:`\nabla_\phi \log q_\phi(z)` enters with weight :math:`1 - c` (see
+            :class:`StickingTheLanding`; for :class:`~pyro.infer.Trace_ELBO` and its
+            relatives, and only with ``components=1``).
         quantile_samples: The number of samples behind :meth:`median` and
             :meth:`quantiles`.
         components: The number :math:`K` of mixture components, for a multimodal
@@ -368,10 +404,11 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"AutoFlowGuide: init_spread must be a number >= 0, got {init_spread!r}")
         init_scale = check_positive(init_scale, "AutoFlowGuide: init_scale")
         quantile_samples = check_int(quantile_samples, "AutoFlowGuide: quantile_samples")
-        if not isinstance(stl, bool):
-            raise TypeError(f"AutoFlowGuide: stl must be True or False, got {stl!r}")
+        weight = _path_weight(stl)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._raw_model = (model,)  # without Pyro's InitMessenger; a tuple, not a submodule
+        if components > 1 and weight not in (0.0, 1.0):
+            raise ValueError(f"AutoFlowGuide: with components={components}, stl must be True or False, got {stl!r}")
         self.stl = stl
         self._flow_spec = flow
         self._flow_options = options
@@ -379,6 +416,16 @@ class AutoFlowGuide(AutoContinuous):
         self.quantile_samples = quantile_samples
         self.components = components
         self.init_spread = init_spread
+
+    @property
+    def stl(self) -> bool | float:
+        """The weight of the path-derivative estimate in the ELBO's gradient (see the class docstring)."""
+        return self._stl
+
+    @stl.setter
+    def stl(self, value: bool | float) -> None:
+        self._path_weight = _path_weight(value)
+        self._stl = value
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -447,18 +494,19 @@ class AutoFlowGuide(AutoContinuous):
         weights are then held fixed too) when ``stl`` is set, so that the ELBO scores it
         with the flow's parameters held fixed."""
         posterior = self.get_posterior(*args, **kwargs)
-        if self.stl:
+        if self._path_weight > 0:
             if self.components == 1:
-                posterior = self._sticking_the_landing(self.flow)
+                posterior = self._sticking_the_landing(self.flow, self._path_weight)
             else:
-                posterior = StratifiedMixture([self._sticking_the_landing(flow) for flow in self.flows],
+                posterior = StratifiedMixture([self._sticking_the_landing(flow, self._path_weight) for flow in self.flows],
                                               self.mixture_logits, stl=True)
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
 
     @staticmethod
-    def _sticking_the_landing(flow: Flow) -> StickingTheLanding:
+    def _sticking_the_landing(flow: Flow, weight: float = 1.0) -> StickingTheLanding:
         posterior = flow()
-        return StickingTheLanding(posterior.base_dist, posterior.transform, flow, validate_args=posterior._validate_args)
+        return StickingTheLanding(posterior.base_dist, posterior.transform, flow, validate_args=posterior._validate_args,
+                                  weight=weight)
 
     def diagnose(self, *args: Any, num_particles: int = 1000, max_plate_nesting: int | None = None,
                  **kwargs: Any) -> Diagnostics:
