@@ -74,7 +74,8 @@ settings, and redone when either changes; about 5 minutes of one core).
 
 Guides (:data:`GUIDES`), all fitted in the unconstrained space that Pyro's autoguides use.
 Ours: the recipes of :data:`RECIPES`, each ``pf.infer.AutoFlowGuide(model, flow, **options)``;
-``AutoFlowGuide`` is the library's default, ``pf.infer.AutoFlowGuide(model)``, and the
+``AutoFlowGuide`` is the library's default, ``pf.infer.AutoFlowGuide(model)`` (which at
+:math:`D \le 2` is ``AFG-spline4-stl0.75``, and above is ``AFG-affine``), and the
 other recipes are the candidates screened for a new default (only the default and
 :data:`RECOMMENDED` run unless named). Peers (:data:`PEERS`): Pyro's ``AutoNormal``,
 ``AutoMultivariateNormal``, ``AutoIAFNormal``, ``AutoNormalizingFlow`` with Pyro's
@@ -192,6 +193,7 @@ __all__ = [
 #: in one place.
 RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AutoFlowGuide": (None, {}),
+    "AFG-affine": ("iaf", {"splines": 0, "stl": True}),
     "AFG-spline1": ("iaf", {"splines": 1}),
     "AFG-spline1-t6": ("iaf", {"splines": 1, "transforms": 6}),
     "AFG-spline1-h128": ("iaf", {"splines": 1, "hidden": (128, 128)}),
@@ -203,11 +205,19 @@ RECIPES: dict[str, tuple[str | type | None, dict[str, Any]]] = {
     "AFG-spline4": ("iaf", {"splines": 4}),
     "AFG-spline-only": ("iaf", {"affine": False, "splines": 4}),
     "AFG-nsf": ("nsf", {}),
+    "AFG-spline4-nostl": ("iaf", {"splines": 4, "stl": False}),
+    "AFG-spline-only-nostl": ("iaf", {"affine": False, "splines": 4, "stl": False}),
+    "AFG-spline2-bins16-nostl": ("iaf", {"splines": 2, "bins": 16, "stl": False}),
+    "AFG-spline-only-bins16": ("iaf", {"affine": False, "splines": 4, "bins": 16}),
+    "AFG-spline4-stl0.5": ("iaf", {"splines": 4, "stl": 0.5}),
+    "AFG-spline4-stl0.75": ("iaf", {"splines": 4, "stl": 0.75}),
 }
-#: Our default guide and the recipe that screened best as a new default (issue 13), the two
-#: that run unless ``--guides`` names others. On the whole suite it was not adopted: it
-#: fixes the 1-D bimodal target but loses on eight schools, the funnel and the Gaussian at
-#: 1 particle and diverged once (docs/benchmarks.rst).
+#: Our default guide and the spline recipe that screened best as a new default for every
+#: dimension (issue 13), the two that run unless ``--guides`` names others. It was not
+#: adopted: it fixes the 1-D bimodal target but loses on eight schools, the funnel and the
+#: Gaussian at 1 particle and diverged once. The default took splines only at D <= 2
+#: (``AFG-spline4-stl0.75``, the same guide there; ``AFG-affine`` is the former default;
+#: docs/benchmarks.rst).
 OURS = "AutoFlowGuide"
 RECOMMENDED = "AFG-spline2-bins16"
 

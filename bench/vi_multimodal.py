@@ -11,7 +11,8 @@ Guides (:data:`GUIDES`):
 - ``AutoFlowGuide-K3``: ``pf.infer.AutoFlowGuide(model, components=3)``, a mixture of
   three flows, each the library's default (affine IAF layers, ``stl=True``);
 - ``AutoFlowGuide-K3-total``: the same with ``stl=False``, an ablation;
-- ``AutoFlowGuide`` (one flow), Pyro's ``AutoNormal`` and ``AutoIAFNormal``.
+- ``AutoFlowGuide`` (one flow of the components' affine layers, ``splines=0, stl=True``: in 2-D
+  the default would otherwise end every block with a spline), Pyro's ``AutoNormal`` and ``AutoIAFNormal``.
 
 Losses (:data:`LOSSES`), the same two objectives for every guide: ``SIWAE``
 (:math:`\mathrm{SIWAE}_T` with :math:`T` particles per component for a mixture, the
@@ -89,8 +90,10 @@ GUIDES: dict[str, tuple[Callable[..., Any], int, str]] = {
                                                                     transforms=transforms, hidden=hidden),
         3, "the same with stl=False: total-derivative estimate (ablation)"),
     "AutoFlowGuide": (
-        lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, transforms=transforms, hidden=hidden),
-        1, "pf.infer.AutoFlowGuide(model), one flow: path estimate"),
+        lambda model, transforms, hidden, k: pf.infer.AutoFlowGuide(model, transforms=transforms, hidden=hidden,
+                                                                    splines=0, stl=True),
+        1, "pf.infer.AutoFlowGuide(model, splines=0, stl=True), one flow of the components' affine layers: "
+           "path estimate"),
     "AutoNormal": (lambda model, transforms, hidden, k: AutoNormal(model), 1, "Pyro AutoNormal: total derivative"),
     "AutoIAFNormal": (
         lambda model, transforms, hidden, k: AutoIAFNormal(model, hidden_dim=list(hidden), num_transforms=transforms),
