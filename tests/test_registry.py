@@ -118,7 +118,8 @@ def test_an_autoflowguide_fits_with_a_registered_family_by_name(cubic):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = pf.infer.AutoFlowGuide(model, flow="cubic", transforms=2, hidden=(8,))
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), pyro.infer.Trace_ELBO(num_particles=8))
+    elbo = pyro.infer.Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), elbo)
     for _ in range(300):
         svi.step()
     draws = guide.get_posterior().sample((4000,))

@@ -339,9 +339,10 @@ class AutoFlowGuide(AutoContinuous):
     one conditional mean and scale per layer: on ``bench/vi.py``'s 1-D bimodal target the
     affine layers stay at 0.65 nats above :math:`\log Z` at 8 particles, the splines
     reach 0.02. The pure path gradient made the spline layers unstable at one particle
-    (one banana seed ended 8.9 nats above :math:`\log Z`), the pure total derivative
-    slow on the concentrated conjugate posteriors (Beta-Binomial 0.61 at 1 particle);
-    the blend was the best of the weights 0, 0.5, 0.75 and 1 tried there. Above two
+    (one banana seed ended 8.85 nats above :math:`\log Z`), the pure total derivative
+    slow on the concentrated conjugate posteriors (Beta-Binomial 0.34 at 1 particle, the
+    mean of two seeds); 0.75 was the best of the weights 0, 0.5, 0.75 and 1 tried there
+    (docs: Benchmarks). Above two
     dimensions the affine default with the path gradient led every target of the suite.
 
     Advice: Adam with a learning rate of about ``1e-2`` to ``3e-3`` and 8 vectorised
