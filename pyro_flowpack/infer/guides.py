@@ -24,7 +24,8 @@ keep their evaluation of a sample they just drew, and ``log_prob`` of that very 
 runs no inverse (``get_posterior().rsample_and_log_prob``, and the ELBO with
 ``stl=False``). By default the ELBO instead scores its samples with the parameters held
 fixed (:class:`StickingTheLanding`), a lower-variance gradient that needs the flow's
-Jacobian from the same pass, still no inverse.
+Jacobian from the same pass, still no inverse; with at most two latent dimensions the
+default flow has spline layers and blends the two gradients (see :class:`AutoFlowGuide`).
 """
 
 from __future__ import annotations
