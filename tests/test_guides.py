@@ -413,6 +413,9 @@ def test_stl_must_be_a_bool_or_a_weight_in_the_unit_interval():
     guide = AutoFlowGuide(constrained_model)
     with pytest.raises(ValueError, match="got 2"):
         guide.stl = 2
+    mixture = AutoFlowGuide(constrained_model, components=3)
+    with pytest.raises(ValueError, match="with components=3, stl must be True or False, got 0.5"):
+        mixture.stl = 0.5
 
 
 @pytest.mark.parametrize("flow, options", [("iaf", {"transforms": 2, "splines": 1}), ("realnvp", {"transforms": 2})])
@@ -458,6 +461,16 @@ def test_a_fractional_stl_weight_also_blends_the_score_of_a_value_it_did_not_dra
     want = torch.autograd.grad(plain.sum(), parameters)
     for a, b in zip(got, want):
         assert torch.allclose(a, 0.6 * b, atol=1e-6, rtol=1e-4)
+    # a value with a graph of its own: the gradient in it is the full score's, as the
+    # path estimate's (the weight-1 score through the inverse with the parameters held)
+    value = value.clone().requires_grad_()
+    blended = pf.infer.StickingTheLanding(g.base().expand((5,)), g.transform, g, weight=0.4).log_prob(value)
+    fixed = pf.infer.StickingTheLanding(g.base().expand((5,)), g.transform, g).log_prob(value)
+    assert torch.allclose(blended, fixed, atol=1e-5)
+    (by_blend,) = torch.autograd.grad(blended.sum(), value)
+    (by_fixed,) = torch.autograd.grad(fixed.sum(), value)
+    assert torch.allclose(by_blend, by_fixed, atol=1e-5, rtol=1e-4)
+    assert float(by_fixed.norm()) > 1e-2
 
 
 def test_a_model_without_latent_sites_raises():

@@ -267,13 +267,18 @@ class StickingTheLanding(FlowDistribution):
             return super().log_prob(value)
         value = self._check_value(value)
         if self._drawn is None or value is not self._drawn[1] or not self._drawn[0].requires_grad:
-            fixed = {"flow." + name: p.detach() for name, p in self.flow.named_parameters()}
-            # a new tensor object: the layers' caches only answer for the very tensor they
-            # made, whose graph runs through the live parameters
-            held = functional_call(_FixedParameterScore(self.flow), fixed, (value.view_as(value),))
             if self.weight == 1.0:
-                return held
+                fixed = {"flow." + name: p.detach() for name, p in self.flow.named_parameters()}
+                # a new tensor object: the layers' caches only answer for the very tensor they
+                # made, whose graph runs through the live parameters
+                return functional_call(_FixedParameterScore(self.flow), fixed, (value.view_as(value),))
+            # one pass through the inverse: the held score is the live one's value with its
+            # gradient in the value alone (the first order is all an ELBO's gradient needs)
             live = super().log_prob(value)
+            held = live.detach()
+            if value.requires_grad:
+                (slope,) = torch.autograd.grad(live.sum(), value, retain_graph=True)
+                held = held + (slope * (value - value.detach())).sum(-1)
             return self.weight * held + (1.0 - self.weight) * live
         epsilon, z, ladj = self._drawn
         log_q = self.base_dist.log_prob(epsilon) - ladj
@@ -296,13 +301,12 @@ class StickingTheLanding(FlowDistribution):
 
 def _check_stl(stl: Any) -> float:
     """The weight :math:`c` of ``stl``: 1 for True, 0 for False, or a number in [0, 1]."""
-    if isinstance(stl, bool):
-        return float(stl)
-    if isinstance(stl, (int, float)) and not isinstance(stl, bool) and 0.0 <= float(stl) <= 1.0:
-        return float(stl)
-    if isinstance(stl, (int, float)):
-        raise ValueError(f"AutoFlowGuide: stl must be True, False or a weight in [0, 1], got {stl!r}")
-    raise TypeError(f"AutoFlowGuide: stl must be True, False or a weight in [0, 1], got {stl!r}")
+    expected = f"AutoFlowGuide: stl must be True, False or a weight in [0, 1], got {stl!r}"
+    if not isinstance(stl, (int, float)):
+        raise TypeError(expected)
+    if not 0.0 <= float(stl) <= 1.0:  # also NaN
+        raise ValueError(expected)
+    return float(stl)
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -365,9 +369,10 @@ class AutoFlowGuide(AutoContinuous):
             landing") estimate; ``None`` (default) is ``True``, except
             :attr:`low_dimension_stl` for the low-dimensional default above. Keep it for
             :class:`~pyro.infer.Trace_ELBO` and its relatives; switch it off for
-            importance-weighted objectives such as :class:`~pyro.infer.RenyiELBO`, for which the path estimate is biased, or when
-            the :math:`D \times D` Jacobian of each particle costs too much (hundreds of
-            latent dimensions). :class:`~pyro_flowpack.infer.SIWAE` takes either and
+            importance-weighted objectives such as :class:`~pyro.infer.RenyiELBO`, for which
+            the path estimate is biased, or when the :math:`D \times D` Jacobian of each
+            particle costs too much (hundreds of latent dimensions).
+            :class:`~pyro_flowpack.infer.SIWAE` takes either and
             explains what each gives (with ``stl=True``: biased, but far steadier).
             A number :math:`c \in [0, 1]` blends the two unbiased estimates,
             :math:`c \cdot \text{path} + (1 - c) \cdot \text{total}` (``True`` is 1,
@@ -413,8 +418,8 @@ class AutoFlowGuide(AutoContinuous):
     """
 
     def __init__(self, model: Callable, flow: FlowSpec = "iaf", *, init_loc_fn: Callable = init_to_median,
-                 init_scale: float = 1.0, stl: bool | float | None = None, quantile_samples: int = 4096, components: int = 1,
-                 init_spread: float = 2.0, **options: Any) -> None:
+                 init_scale: float = 1.0, stl: bool | float | None = None, quantile_samples: int = 4096,
+                 components: int = 1, init_spread: float = 2.0, **options: Any) -> None:
         _check_spec(flow, options)
         components = check_int(components, "AutoFlowGuide: components")
         init_spread = check_real(init_spread, "AutoFlowGuide: init_spread")
@@ -422,18 +427,17 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"AutoFlowGuide: init_spread must be a number >= 0, got {init_spread!r}")
         init_scale = check_positive(init_scale, "AutoFlowGuide: init_scale")
         quantile_samples = check_int(quantile_samples, "AutoFlowGuide: quantile_samples")
-        weight = None if stl is None else _check_stl(stl)
+        if stl is not None:
+            _check_stl(stl)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._raw_model = (model,)  # without Pyro's InitMessenger; a tuple, not a submodule
-        if components > 1 and weight not in (None, 0.0, 1.0):
-            raise ValueError(f"AutoFlowGuide: with components={components}, stl must be True or False, got {stl!r}")
-        self.stl = stl
         self._flow_spec = flow
         self._flow_options = options
         self.init_scale = float(init_scale)
         self.quantile_samples = quantile_samples
         self.components = components
         self.init_spread = init_spread
+        self.stl = stl
 
     #: The latent dimension up to which the default flow is the low-dimensional recipe.
     low_dimension: int = 2
@@ -447,15 +451,19 @@ class AutoFlowGuide(AutoContinuous):
 
     @stl.setter
     def stl(self, value: bool | float | None) -> None:
-        self._given_weight = None if value is None else _check_stl(value)
+        weight = None if value is None else _check_stl(value)
+        if self.components > 1 and weight not in (None, 0.0, 1.0):
+            raise ValueError(f"AutoFlowGuide: with components={self.components}, stl must be True or False, "
+                             f"got {value!r}")
+        self._given_weight = weight
         self._stl = value
 
     def _low_dimensional(self) -> bool:
         r"""Whether the guide builds the low-dimensional recipe: the default flow, options
         that choose neither ``splines`` nor ``affine``, one component, :math:`D \le`
         :attr:`low_dimension`."""
-        return (self._flow_spec == "iaf" and self.components == 1 and not {"splines", "affine"} & set(self._flow_options)
-                and self.latent_dim <= self.low_dimension)
+        return (self._flow_spec == "iaf" and self.components == 1
+                and not {"splines", "affine"} & set(self._flow_options) and self.latent_dim <= self.low_dimension)
 
     @property
     def _path_weight(self) -> float:
@@ -535,19 +543,20 @@ class AutoFlowGuide(AutoContinuous):
         weights are then held fixed too) when ``stl`` is set, so that the ELBO scores it
         with the flow's parameters held fixed."""
         posterior = self.get_posterior(*args, **kwargs)
-        if self._path_weight > 0:
+        weight = self._path_weight
+        if weight > 0:
             if self.components == 1:
-                posterior = self._sticking_the_landing(self.flow, self._path_weight)
+                posterior = self._sticking_the_landing(self.flow, weight)
             else:
-                posterior = StratifiedMixture([self._sticking_the_landing(flow, self._path_weight) for flow in self.flows],
+                posterior = StratifiedMixture([self._sticking_the_landing(flow, weight) for flow in self.flows],
                                               self.mixture_logits, stl=True)
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
 
     @staticmethod
     def _sticking_the_landing(flow: Flow, weight: float = 1.0) -> StickingTheLanding:
         posterior = flow()
-        return StickingTheLanding(posterior.base_dist, posterior.transform, flow, validate_args=posterior._validate_args,
-                                  weight=weight)
+        return StickingTheLanding(posterior.base_dist, posterior.transform, flow,
+                                  validate_args=posterior._validate_args, weight=weight)
 
     def diagnose(self, *args: Any, num_particles: int = 1000, max_plate_nesting: int | None = None,
                  **kwargs: Any) -> Diagnostics:
